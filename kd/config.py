@@ -1,0 +1,112 @@
+"""Command-line flags shared by train_teacher.py and distill.py (defined once), and their validation."""
+from __future__ import annotations
+
+import argparse
+
+from kd.data import DATASETS
+from kd.errors import UserError
+from kd.fastai_data import VARIANTS
+from kd.losses import KL_REDUCTIONS
+
+OPTIMIZERS = ("sgd", "adamw")
+DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
+
+
+def common_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default="imagewoof", choices=DATASETS, help="dataset (default: imagewoof)")
+    g.add_argument("--data-dir", help="dataset root: a folder with train/<class>/* and val/<class>/*, or where to "
+                   "download/find imagewoof, imagenette and cifar (default: $KD_DATA_CACHE or ~/.cache/kd/data)")
+    g.add_argument("--dataset-variant", default="auto", choices=("auto", *VARIANTS),
+                   help="imagewoof/imagenette release by short side in px; auto picks the smallest that covers "
+                   "--image-size / 0.875 (default: auto)")
+    g.add_argument("--no-download", dest="download", action="store_false", help="never download datasets")
+    g.add_argument("--image-size", type=int, help="training crop and eval size in px (default: 224; 32 for cifar and "
+                   "synthetic)")
+    g.add_argument("--workers", type=int, default=4, help="data-loading processes per training process (default: 4)")
+    g = p.add_argument_group("optimization")
+    g.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
+    g.add_argument("--batch-size", type=int, default=64, help="images per process per step; the global batch is "
+                   "processes x batch size x --grad-accum-steps (default: 64)")
+    g.add_argument("--grad-accum-steps", type=int, default=1, help="batches per optimizer step (default: 1)")
+    g.add_argument("--opt", default="sgd", choices=OPTIMIZERS, help="optimizer (default: sgd)")
+    g.add_argument("--lr", type=float, help="peak learning rate (default: 0.1 for sgd, 1e-3 for adamw)")
+    g.add_argument("--momentum", type=float, default=0.9, help="SGD momentum (default: 0.9)")
+    g.add_argument("--nesterov", action=argparse.BooleanOptionalAction, default=True,
+                   help="Nesterov momentum for SGD (default: on)")
+    g.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay, not applied to norm layers and "
+                   "biases (default: 5e-4)")
+    g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warmup before the per-step cosine "
+                   "decay, in epochs (default: 1)")
+    g.add_argument("--clip-grad-norm", type=float, default=0.0, help="max gradient norm; 0 disables (default: 0)")
+    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast precision (default: from "
+                   "`accelerate launch` / accelerate_config.yaml, else no)")
+    g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (downloads "
+                   "them once)")
+    g = p.add_argument_group("run")
+    g.add_argument("--output-dir", help="where checkpoints, model files and metrics.jsonl go")
+    g.add_argument("--seed", type=int, default=0, help="random seed; on CPU the same seed gives the same metrics "
+                   "(default: 0)")
+    g.add_argument("--resume", nargs="?", const="auto", help="continue a run: with no value, from the latest "
+                   "complete checkpoint in --output-dir (starts fresh if there is none); or from the given "
+                   "checkpoint folder")
+    g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds another run, "
+                   "deleting its checkpoints, model files and metrics")
+    g.add_argument("--checkpoint-every", type=int, default=1, help="save the full training state every N epochs "
+                   "and at the end (default: 1)")
+    g.add_argument("--keep-checkpoints", type=int, default=2, help="how many training-state checkpoints to keep "
+                   "(default: 2)")
+    g.add_argument("--dist-timeout", type=int, default=1800, help="seconds a process waits for the others in a "
+                   "collective before failing, so a dead rank cannot hang the job (default: 1800)")
+    g.add_argument("--log-every", type=int, default=20, help="log training metrics every N optimizer steps "
+                   "(default: 20)")
+    g = p.add_argument_group("tracking")
+    g.add_argument("--report-to", default="wandb", choices=("wandb", "none"), help="experiment tracker; W&B runs "
+                   "offline when not logged in (default: wandb)")
+    g.add_argument("--wandb-project", default="kd", help="W&B project (default: kd)")
+    g.add_argument("--wandb-entity", help="W&B entity (team or user)")
+    g.add_argument("--wandb-group", help="W&B group, e.g. one per sweep")
+    g.add_argument("--wandb-tags", nargs="*", default=[], help="W&B tags")
+    g.add_argument("--run-name", help="run name in W&B (default: W&B's)")
+    return p
+
+
+def add_distill_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("distillation")
+    g.add_argument("--teacher-checkpoint", default="runs/teacher", help="a train_teacher.py output dir (its best "
+                   "model is used) or a model file; 'none' trains the student alone, the baseline "
+                   "(default: runs/teacher)")
+    g.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label loss; the soft (teacher) "
+                   "loss gets 1 - alpha (default: 0.1)")
+    g.add_argument("--temperature", type=float, default=7.0, help="softmax temperature T (default: 7)")
+    g.add_argument("--kl-reduction", default="batchmean", choices=KL_REDUCTIONS, help="batchmean: the true KL per "
+                   "sample; mean: divide by batch x classes, as the knowledge-distillation-pytorch reference code "
+                   "does (default: batchmean)")
+
+
+def validate(args: argparse.Namespace) -> None:
+    """Checks that argparse cannot express; raises UserError naming the flag."""
+    checks = [
+        (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
+        (args.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}"),
+        (args.image_size is None or args.image_size >= 16, f"--image-size must be >= 16 px, got {args.image_size}"),
+        (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (args.lr is None or args.lr > 0, f"--lr must be > 0, got {args.lr}"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
+        (args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),
+        (args.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {args.checkpoint_every}"),
+        (args.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}"),
+        (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
+    ]
+    if hasattr(args, "alpha"):
+        checks += [
+            (0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1] (the hard-label weight), got {args.alpha}"),
+            (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
+        ]
+    for ok, message in checks:
+        if not ok:
+            raise UserError(message)
+    if args.lr is None:
+        args.lr = DEFAULT_LR[args.opt]

@@ -1,0 +1,154 @@
+"""Datasets and transforms. Every dataset yields (image, label, index) so per-sample state (e.g. cached teacher
+outputs) can be keyed by index."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import datasets as tv_datasets
+from torchvision import transforms as T
+
+from kd.errors import UserError
+from kd.fastai_data import FASTAI_DATASETS, resolve_fastai_root
+
+DATASETS = (*FASTAI_DATASETS, "imagefolder", "cifar10", "cifar100", "synthetic")
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+DEFAULT_CACHE = Path(os.environ.get("KD_DATA_CACHE", Path.home() / ".cache" / "kd" / "data"))
+
+
+def default_image_size(dataset: str) -> int:
+    return 32 if dataset in ("cifar10", "cifar100", "synthetic") else 224
+
+
+@dataclass
+class DataBundle:
+    train: Dataset
+    val: Dataset
+    class_names: list[str]
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    image_size: int
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+class IndexedDataset(Dataset):
+    """Wraps a (image, label) dataset to yield (image, label, index)."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        image, label = self.dataset[index]
+        return image, label, index
+
+
+class SyntheticDataset(Dataset):
+    """Learnable random data for smoke runs: each class is a fixed smooth pattern, each sample that pattern plus
+    noise. Deterministic per (seed, index), so every process and every epoch sees the same images."""
+
+    def __init__(self, num_samples: int, num_classes: int, image_size: int, seed: int):
+        self.num_samples, self.num_classes, self.image_size, self.seed = num_samples, num_classes, image_size, seed
+        g = torch.Generator().manual_seed(1234)
+        coarse = torch.randn(num_classes, 3, 4, 4, generator=g)
+        self.templates = torch.nn.functional.interpolate(coarse, size=image_size, mode="bilinear")
+
+    def __len__(self) -> int:
+        return self.num_samples
+
+    def __getitem__(self, index: int):
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + index)
+        label = index % self.num_classes
+        image = self.templates[label] + 1.5 * torch.randn(3, self.image_size, self.image_size, generator=g)
+        return image, label
+
+
+def train_transform(dataset: str, image_size: int, mean, std) -> T.Compose:
+    if dataset in ("cifar10", "cifar100"):
+        crop = [T.Resize(image_size)] if image_size != 32 else []
+        crop.append(T.RandomCrop(image_size, padding=image_size // 8))
+    else:
+        crop = [T.RandomResizedCrop(image_size)]
+    return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
+
+
+def eval_transform(dataset: str, image_size: int, mean, std) -> T.Compose:
+    if dataset in ("cifar10", "cifar100"):
+        resize = [T.Resize(image_size)] if image_size != 32 else []
+    else:  # the standard ImageNet protocol: resize to size / 0.875, center-crop size
+        resize = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
+    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+
+
+def _image_folders(root: Path, dataset: str, image_size: int, mean, std):
+    split_dirs = {split: root / split for split in ("train", "val")}
+    for split, path in split_dirs.items():
+        if not path.is_dir():
+            raise UserError(f"{root} has no {split}/ folder: --data-dir must hold train/<class>/* and val/<class>/*")
+    try:
+        train = tv_datasets.ImageFolder(split_dirs["train"], train_transform(dataset, image_size, mean, std))
+        val = tv_datasets.ImageFolder(split_dirs["val"], eval_transform(dataset, image_size, mean, std))
+    except (FileNotFoundError, OSError) as exc:  # ImageFolder: no class folders, or no images in them
+        raise UserError(f"cannot read images under {root}: {exc}") from None
+    if train.classes != val.classes:
+        raise UserError(
+            f"class folders differ between {split_dirs['train']} ({len(train.classes)}) and "
+            f"{split_dirs['val']} ({len(val.classes)}): make both splits hold the same <class>/ folders"
+        )
+    return train, val, train.classes
+
+
+def _cifar(dataset: str, root: Path, download: bool, image_size: int):
+    cls = tv_datasets.CIFAR10 if dataset == "cifar10" else tv_datasets.CIFAR100
+    try:
+        train = cls(root, train=True, download=download, transform=train_transform(dataset, image_size, CIFAR_MEAN, CIFAR_STD))
+        val = cls(root, train=False, download=download, transform=eval_transform(dataset, image_size, CIFAR_MEAN, CIFAR_STD))
+    except (OSError, RuntimeError) as exc:
+        raise UserError(
+            f"cannot load {dataset} from {root} ({exc}); go online once or pass --data-dir holding "
+            f"the extracted {cls.base_folder}/"
+        ) from None
+    return train, val, list(train.classes)
+
+
+def build_datasets(
+    dataset: str,
+    data_dir: str | None,
+    image_size: int,
+    *,
+    variant: str = "auto",
+    download: bool = True,
+    seed: int = 0,
+    synthetic_size: tuple[int, int] = (640, 320),
+) -> DataBundle:
+    if dataset not in DATASETS:
+        raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
+    root = Path(data_dir).expanduser() if data_dir else DEFAULT_CACHE
+    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    if dataset == "synthetic":
+        mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
+        train = SyntheticDataset(synthetic_size[0], 10, image_size, seed)
+        val = SyntheticDataset(synthetic_size[1], 10, image_size, seed + 1)
+        classes = [f"class_{i}" for i in range(10)]
+    elif dataset in ("cifar10", "cifar100"):
+        mean, std = CIFAR_MEAN, CIFAR_STD
+        train, val, classes = _cifar(dataset, root, download, image_size)
+    elif dataset == "imagefolder":
+        if not data_dir:
+            raise UserError("--dataset imagefolder needs --data-dir pointing to a folder with train/ and val/")
+        if not root.is_dir():
+            raise UserError(f"--data-dir {root} does not exist: pass a folder with train/<class>/* and val/<class>/*")
+        train, val, classes = _image_folders(root, dataset, image_size, mean, std)
+    else:
+        folder = resolve_fastai_root(dataset, variant, image_size, root, download)
+        train, val, classes = _image_folders(folder, dataset, image_size, mean, std)
+    return DataBundle(IndexedDataset(train), IndexedDataset(val), list(classes), mean, std, image_size)

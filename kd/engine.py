@@ -1,0 +1,199 @@
+"""The one training loop, used by train_teacher.py (no teacher) and distill.py (with or without a teacher)."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from torch import nn
+from tqdm.auto import tqdm
+
+from kd import tracking as keys
+from kd.checkpoint import TrainState
+from kd.errors import UserError
+from kd.losses import kd_loss_terms
+from kd.signals import StopRequest, Stopped
+
+
+@dataclass
+class Objective:
+    """Cross-entropy, or the distillation loss when a teacher is given. The teacher is frozen, in eval mode, not
+    wrapped in DDP (no gradient sync, no buffer broadcasts) and runs under the same autocast as the student."""
+
+    teacher: nn.Module | None = None
+    alpha: float = 1.0
+    temperature: float = 1.0
+    kl_reduction: str = "batchmean"
+
+    def teacher_logits(self, accelerator: Accelerator, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), accelerator.autocast():
+            return self.teacher(images)
+
+    def __call__(self, accelerator: Accelerator, model: nn.Module, images, targets):
+        logits = model(images)
+        if self.teacher is None:
+            ce = F.cross_entropy(logits.float(), targets)
+            return logits, ce, {keys.TRAIN_LOSS_CE: ce}
+        ce, kd = kd_loss_terms(logits, self.teacher_logits(accelerator, images), targets, self.temperature,
+                               self.kl_reduction)
+        loss = self.alpha * ce + (1.0 - self.alpha) * kd
+        return logits, loss, {keys.TRAIN_LOSS_CE: ce, keys.TRAIN_LOSS_KD: kd}
+
+
+@torch.no_grad()
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, teacher: nn.Module | None = None,
+             objective: Objective | None = None) -> dict:
+    """Loss, top-1, top-5 (and teacher agreement) over exactly the val set: gather_for_metrics drops the samples
+    that the distributed sampler repeats to even out the last batch."""
+    model.eval()
+    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct@1, correct@5, agreements
+    count = 0
+    for images, targets, _ in loader:
+        logits = model(images)
+        k = min(5, logits.shape[1])
+        per_sample = torch.stack([
+            F.cross_entropy(logits.float(), targets, reduction="none"),
+            (logits.argmax(1) == targets).float(),
+            (logits.topk(k, dim=1).indices == targets[:, None]).any(1).float(),
+            (logits.argmax(1) == objective.teacher_logits(accelerator, images).argmax(1)).float()
+            if teacher is not None else torch.zeros_like(targets, dtype=torch.float),
+        ], dim=1)
+        per_sample = accelerator.gather_for_metrics(per_sample)
+        totals += per_sample.sum(0).double().cpu()
+        count += per_sample.shape[0]
+    metrics = {keys.VAL_LOSS: totals[0].item() / count, keys.VAL_ACC1: totals[1].item() / count,
+               keys.VAL_ACC5: totals[2].item() / count}
+    if teacher is not None:
+        metrics[keys.VAL_AGREEMENT] = totals[3].item() / count
+    return metrics
+
+
+@dataclass
+class Trainer:
+    accelerator: Accelerator
+    model: nn.Module
+    objective: Objective
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    train_loader: object
+    val_loader: object
+    tracker: keys.Tracker
+    state: TrainState
+    epochs: int
+    log_every: int
+    clip_grad_norm: float = 0.0
+    on_epoch_end: object = None  # callable(trainer, val_metrics, is_best) -> None, saves files
+    save_state: object = None  # callable(state) -> None
+    checkpoint_every: int = 1
+    stop: StopRequest = field(default_factory=StopRequest)
+    images_seen: int = 0
+    train_seconds: float = 0.0
+
+    def fit(self) -> dict:
+        val_metrics = {}
+        for epoch in range(self.state.epoch, self.epochs):
+            self.train_one_epoch(epoch)
+            val_metrics = self.evaluate()
+            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            is_best = val_metrics[keys.VAL_ACC1] > self.state.best_acc1
+            if is_best:
+                self.state.best_acc1, self.state.best_epoch = val_metrics[keys.VAL_ACC1], epoch + 1
+            self.tracker.log({**val_metrics, keys.EPOCH: epoch + 1}, step=self.state.global_step)
+            self.tracker.summary({keys.BEST_VAL_ACC1: self.state.best_acc1, keys.BEST_EPOCH: self.state.best_epoch})
+            self.on_epoch_end(self, val_metrics, is_best)
+            if (epoch + 1) % self.checkpoint_every == 0 or epoch + 1 == self.epochs:
+                self.save_state(self.state)
+        return val_metrics
+
+    def evaluate(self) -> dict:
+        return evaluate(self.accelerator, self.model, self.val_loader, self.objective.teacher, self.objective)
+
+    def train_one_epoch(self, epoch: int) -> None:
+        acc, state = self.accelerator, self.state
+        self.model.train()
+        self.train_loader.set_epoch(epoch)
+        loader, first = self.train_loader, state.step_in_epoch
+        if first:  # resuming mid-epoch: the sampler order is the same, skip the batches already trained on
+            loader = acc.skip_first_batches(self.train_loader, first)
+        stop_check = 1 if acc.num_processes == 1 else min(10, self.log_every)
+        window = _Window(acc.device)
+        epoch_loss = torch.zeros((), device=acc.device)
+        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", initial=first, total=len(self.train_loader),
+                   disable=not acc.is_local_main_process, leave=False)
+        for batch_index, (images, targets, _) in enumerate(bar, start=first):
+            with acc.accumulate(self.model):
+                _, loss, parts = self.objective(acc, self.model, images, targets)
+                acc.backward(loss)
+                if acc.sync_gradients and self.clip_grad_norm > 0:
+                    acc.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+                self.optimizer.step()
+                self.optimizer.zero_grad(set_to_none=True)
+            window.add(loss, parts, images.shape[0], state.global_step)
+            epoch_loss += loss.detach()
+            if not acc.sync_gradients:
+                continue
+            self.scheduler.step()
+            state.global_step += 1
+            if state.global_step % self.log_every == 0:
+                self._log_window(window, epoch)
+            if state.global_step % stop_check == 0 and self.stop.agreed(acc):
+                state.step_in_epoch = batch_index + 1
+                self.save_state(state)
+                raise Stopped()
+        if window.count:
+            self._log_window(window, epoch)
+        mean_loss = acc.reduce(epoch_loss, reduction="mean").item() / max(1, len(self.train_loader) - first)
+        self.tracker.log({keys.TRAIN_EPOCH_LOSS: mean_loss, keys.EPOCH: epoch + 1}, step=state.global_step)
+
+    def _log_window(self, window: "_Window", epoch: int) -> None:
+        acc = self.accelerator
+        values, bad_step = window.reduce(acc)
+        if bad_step >= 0:
+            raise UserError(
+                f"loss became NaN/inf at step {bad_step + 1} (epoch {epoch + 1}); the last good checkpoint is "
+                f"kept: lower --lr, add --clip-grad-norm, or use --mixed-precision bf16 instead of fp16")
+        seconds = window.elapsed()
+        self.images_seen += window.images * acc.num_processes
+        self.train_seconds += seconds
+        values[keys.TRAIN_LR] = self.scheduler.get_last_lr()[0]
+        values[keys.TRAIN_IMG_PER_S] = window.images * acc.num_processes / seconds
+        values[keys.EPOCH] = epoch + 1
+        self.tracker.log(values, step=self.state.global_step)
+        window.reset()
+
+
+class _Window:
+    """Loss sums kept on the device between log steps, so the training step never waits on the host."""
+
+    def __init__(self, device: torch.device):
+        self.device = device
+        self.reset()
+
+    def reset(self) -> None:
+        self.sums: dict[str, torch.Tensor] = {}
+        self.bad_step = torch.full((), -1, dtype=torch.long, device=self.device)
+        self.count, self.images, self.start = 0, 0, time.perf_counter()
+
+    def add(self, loss: torch.Tensor, parts: dict, batch: int, step: int) -> None:
+        for key, value in {keys.TRAIN_LOSS: loss, **parts}.items():
+            value = value.detach().float()
+            self.sums[key] = self.sums[key] + value if key in self.sums else value
+        finite = torch.isfinite(loss.detach())
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step, device=self.device),
+                                    self.bad_step)
+        self.count += 1
+        self.images += batch
+
+    def reduce(self, accelerator: Accelerator) -> tuple[dict, int]:
+        """(mean of each loss over the window and all processes, first non-finite step or -1): one host sync."""
+        names = list(self.sums)
+        row = torch.stack([self.sums[n] / self.count for n in names] + [self.bad_step.float()])
+        rows = accelerator.gather(row[None]) if accelerator.num_processes > 1 else row[None]
+        means, bad = rows[:, :-1].mean(0).tolist(), rows[:, -1]
+        bad = bad[bad >= 0]
+        return dict(zip(names, means)), int(bad.min().item()) if bad.numel() else -1
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.start, 1e-9)

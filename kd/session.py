@@ -1,0 +1,249 @@
+"""Everything both scripts share around the training loop: accelerator, output dir, data loaders, optimizer,
+resume, tracking, model files and the closing summary. A script builds its model(s) and calls `Session.fit`."""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from datetime import timedelta
+from pathlib import Path
+
+import accelerate
+import torch
+import torchvision
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
+from accelerate.utils import set_seed
+from torch import nn
+from torch.utils.data import DataLoader
+
+from kd import tracking as keys
+from kd.checkpoint import (BEST_MODEL, CHECKPOINTS, FINAL_MODEL, TrainState, checkpoint_dirs, save_model_file,
+                           save_training_state)
+from kd.config import validate
+from kd.data import DataBundle, build_datasets, default_image_size
+from kd.engine import Objective, Trainer, evaluate
+from kd.errors import EXIT_USER_ERROR, UserError
+from kd.optim import build_optimizer, warmup_cosine
+from kd.signals import EXIT_STOPPED, StopRequest, Stopped
+
+RUN_FILE, CONFIG_FILE = "run.json", "config.json"
+RUN_OUTPUTS = (CHECKPOINTS, BEST_MODEL, FINAL_MODEL, keys.METRICS_FILE, RUN_FILE, CONFIG_FILE, "wandb")
+
+
+@contextlib.contextmanager
+def user_errors():
+    """Bad input ends the process with one line on stderr (from the first process only) and EXIT_USER_ERROR."""
+    try:
+        yield
+    except UserError as exc:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
+    except Stopped:
+        sys.exit(EXIT_STOPPED)
+
+
+def _git_sha() -> str | None:
+    try:
+        return subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                              text=True, timeout=5).stdout.strip() or None
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def versions() -> dict:
+    return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
+            "accelerate": accelerate.__version__,
+            "python": sys.version.split()[0], "git_sha": _git_sha()}
+
+
+class Session:
+    def __init__(self, args: argparse.Namespace, job_type: str):
+        validate(args)
+        self.args, self.job_type, self.start_time = args, job_type, time.time()
+        self.output_dir = Path(args.output_dir)
+        self.stop = StopRequest().install()
+        self.report_to = keys.prepare_wandb_mode(args.report_to)
+        try:
+            self.accelerator = Accelerator(
+                mixed_precision=args.mixed_precision,
+                gradient_accumulation_steps=args.grad_accum_steps,
+                log_with="wandb" if self.report_to == "wandb" else None,
+                project_dir=str(self.output_dir),
+                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+                step_scheduler_with_optimizer=False,
+                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
+            )
+        except ValueError as exc:  # e.g. fp16 requested on a CPU
+            raise UserError(f"--mixed-precision {args.mixed_precision}: {exc}") from None
+        set_seed(args.seed, device_specific=True)  # different augmentations per process; DDP syncs the weights
+        self._claim_output_dir()
+        args.image_size = args.image_size or default_image_size(args.dataset)
+        with self.accelerator.main_process_first():  # one process downloads, the others then find the files
+            self.data: DataBundle = build_datasets(args.dataset, args.data_dir, args.image_size,
+                                                   variant=args.dataset_variant, download=args.download,
+                                                   seed=args.seed)
+        self.print(f"{job_type}: {args.dataset} ({len(self.data.train)} train / {len(self.data.val)} val images, "
+                   f"{self.data.num_classes} classes) on {self.accelerator.num_processes} x "
+                   f"{self.accelerator.device.type}, precision {self.accelerator.mixed_precision}")
+
+    def print(self, *a) -> None:
+        self.accelerator.print(*a, flush=True)
+
+    # ---------------------------------------------------------------- output dir
+    def _claim_output_dir(self) -> None:
+        """Refuses to mix two runs in one dir. Every process checks before any process writes."""
+        args, acc, out = self.args, self.accelerator, self.output_dir
+        run_file = out / RUN_FILE
+        previous = json.loads(run_file.read_text()) if run_file.is_file() else None
+        if previous and not (args.resume or args.overwrite):
+            raise UserError(f"{out} already holds a {previous['job_type']} run: pass --resume to continue it, "
+                            f"--overwrite to replace it, or another --output-dir")
+        if previous and args.resume and not args.overwrite and previous["job_type"] != self.job_type:
+            raise UserError(f"{out} holds a {previous['job_type']} run, not a {self.job_type} run: pass another "
+                            f"--output-dir")
+        if out.exists() and not os.access(out, os.W_OK) or not out.exists() and not _creatable(out):
+            raise UserError(f"--output-dir {out} is not writable: pass a folder you can write to")
+        acc.wait_for_everyone()
+        keep = previous is not None and not args.overwrite
+        self.run_id = previous["run_id"] if keep else keys.new_run_id()
+        if acc.is_main_process:
+            if args.overwrite:
+                for name in RUN_OUTPUTS:
+                    path = out / name
+                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
+            out.mkdir(parents=True, exist_ok=True)
+            if not keep:
+                run_file.write_text(json.dumps({"run_id": self.run_id, "job_type": self.job_type}) + "\n")
+        acc.wait_for_everyone()
+
+    # ---------------------------------------------------------------- loaders and optimization
+    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+        args = self.args
+        # No persistent workers: each epoch reseeds its workers from the checkpointed RNG, so resume is exact.
+        return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle,
+                          num_workers=args.workers, pin_memory=self.accelerator.device.type == "cuda")
+
+    def _check_enough_data(self) -> None:
+        global_batch = self.args.batch_size * self.accelerator.num_processes
+        if len(self.data.train) < global_batch:
+            raise UserError(f"the train set has {len(self.data.train)} images, fewer than one global batch "
+                            f"({self.accelerator.num_processes} processes x --batch-size {self.args.batch_size}): "
+                            f"lower --batch-size")
+
+    def resolved_config(self) -> dict:
+        acc = self.accelerator
+        return {**vars(self.args), "job_type": self.job_type, "num_processes": acc.num_processes,
+                "global_batch_size": self.args.batch_size * acc.num_processes * self.args.grad_accum_steps,
+                "mixed_precision": acc.mixed_precision, "num_classes": self.data.num_classes,
+                "train_images": len(self.data.train), "val_images": len(self.data.val), "run_id": self.run_id,
+                "versions": versions()}
+
+    # ---------------------------------------------------------------- training
+    def fit(self, model: nn.Module, arch: str, objective: Objective | None = None) -> dict:
+        args, acc = self.args, self.accelerator
+        objective = objective or Objective()
+        self._check_enough_data()
+        train_loader, val_loader = self._loader(self.data.train, True), self._loader(self.data.val, False)
+        optimizer = build_optimizer(model, args.opt, args.lr, args.weight_decay, args.momentum, args.nesterov)
+        model, optimizer, train_loader, val_loader = acc.prepare(model, optimizer, train_loader, val_loader)
+        steps_per_epoch = -(-len(train_loader) // args.grad_accum_steps)
+        scheduler = warmup_cosine(optimizer, round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
+        if objective.teacher is not None:
+            objective.teacher = objective.teacher.to(acc.device).eval().requires_grad_(False)
+        state = TrainState()
+        acc.register_for_checkpointing(state, scheduler)
+        self._resume(state)
+
+        config = json.loads(json.dumps(self.resolved_config(), default=str))  # plain types: safe to unpickle
+        if acc.is_main_process:
+            (self.output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
+        tracker = keys.Tracker(acc, self.output_dir)
+        tracker.start(self.report_to, config, project=args.wandb_project, run_id=self.run_id, job_type=self.job_type,
+                      name=args.run_name, entity=args.wandb_entity, group=args.wandb_group, tags=args.wandb_tags,
+                      resume_step=state.global_step)
+        if objective.teacher is not None:
+            teacher_acc1 = evaluate(acc, objective.teacher, val_loader)[keys.VAL_ACC1]
+            self.print(f"teacher val top-1: {teacher_acc1:.4f}")
+            if state.global_step == 0:
+                tracker.log({keys.TEACHER_VAL_ACC1: teacher_acc1}, step=0)
+            tracker.summary({keys.TEACHER_VAL_ACC1: teacher_acc1})
+
+        meta = {"arch": arch, "num_classes": self.data.num_classes, "class_names": self.data.class_names,
+                "image_size": self.data.image_size, "mean": list(self.data.mean), "std": list(self.data.std),
+                "dataset": args.dataset, "job_type": self.job_type, "config": config}
+
+        def on_epoch_end(trainer: Trainer, val_metrics: dict, is_best: bool) -> None:
+            self.print(f"epoch {trainer.state.epoch}/{args.epochs}: " + ", ".join(
+                f"{k} {v:.4f}" for k, v in val_metrics.items()))
+            if is_best:
+                self._save_model(model, BEST_MODEL, {**meta, "epoch": trainer.state.epoch,
+                                                     "val_acc1": val_metrics[keys.VAL_ACC1]})
+
+        trainer = Trainer(acc, model, objective, optimizer, scheduler, train_loader, val_loader, tracker, state,
+                          epochs=args.epochs, log_every=args.log_every, clip_grad_norm=args.clip_grad_norm,
+                          on_epoch_end=on_epoch_end, checkpoint_every=args.checkpoint_every, stop=self.stop,
+                          save_state=lambda s: save_training_state(acc, self.output_dir, s, args.keep_checkpoints))
+        try:
+            final = trainer.fit()
+        except Stopped:
+            self.print(f"stopped by signal at step {state.global_step}; state saved in {self.output_dir / CHECKPOINTS}"
+                       f": run again with --resume to continue")
+            tracker.finish()
+            raise
+        if not final:  # resumed a finished run: nothing left to train
+            final = trainer.evaluate()
+        self._save_model(model, FINAL_MODEL, {**meta, "epoch": state.epoch, "val_acc1": final[keys.VAL_ACC1]})
+        tracker.finish()
+        return self._summarize(state, final, trainer)
+
+    def _resume(self, state: TrainState) -> None:
+        args, acc = self.args, self.accelerator
+        if not args.resume or args.overwrite:
+            return
+        if args.resume == "auto":
+            found = checkpoint_dirs(self.output_dir)
+            partial = sorted((self.output_dir / CHECKPOINTS).glob(".tmp-*"))
+            if partial:
+                self.print(f"ignoring {len(partial)} incomplete checkpoint(s) (interrupted while saving): "
+                           f"{', '.join(p.name for p in partial)}")
+            if not found:
+                self.print(f"--resume: no checkpoint in {self.output_dir / CHECKPOINTS}; starting from scratch")
+                return
+            path = found[-1]
+        else:
+            path = Path(args.resume)
+            if not (path / "kd_complete").is_file():
+                raise UserError(f"--resume {path} is not a complete checkpoint folder: pass --resume without a "
+                                f"value to pick the latest one in --output-dir")
+        acc.load_state(str(path))
+        self.print(f"resumed from {path}: epoch {state.epoch}, step {state.global_step}")
+
+    def _save_model(self, model: nn.Module, name: str, meta: dict) -> None:
+        if self.accelerator.is_main_process:
+            state_dict = self.accelerator.get_state_dict(model)
+            save_model_file(self.output_dir / name, state_dict, meta)
+        self.accelerator.wait_for_everyone()
+
+    def _summarize(self, state: TrainState, final: dict, trainer: Trainer) -> dict:
+        wall = time.time() - self.start_time
+        img_per_s = trainer.images_seen / trainer.train_seconds if trainer.train_seconds else 0.0
+        summary = {"best_val_acc1": state.best_acc1, "best_epoch": state.best_epoch,
+                   "final_val_acc1": final[keys.VAL_ACC1], "wall_seconds": wall, "train_img_per_s": img_per_s,
+                   "model": str(self.output_dir / BEST_MODEL)}
+        self.print(f"done in {wall / 60:.1f} min: best val top-1 {state.best_acc1:.4f} (epoch {state.best_epoch}), "
+                   f"final {final[keys.VAL_ACC1]:.4f}, {img_per_s:.0f} img/s training; best model: "
+                   f"{self.output_dir / BEST_MODEL}")
+        return summary
+
+
+def _creatable(path: Path) -> bool:
+    parent = path
+    while not parent.exists():
+        parent = parent.parent
+    return os.access(parent, os.W_OK)

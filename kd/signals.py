@@ -1,0 +1,43 @@
+"""Graceful stop on SIGTERM / SIGUSR1 (Slurm's preemption and time-limit warnings): the training loop finishes
+its current optimizer step, saves its full state and exits with EXIT_STOPPED. A second signal exits at once."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+
+import torch
+from accelerate import Accelerator
+
+EXIT_STOPPED = 3
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
+
+
+class StopRequest:
+    def __init__(self) -> None:
+        self.signum: int | None = None
+
+    def install(self) -> "StopRequest":
+        for sig in STOP_SIGNALS:
+            signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, _frame) -> None:
+        if self.signum is not None:  # second signal: die now, with the default action
+            signal.signal(signum, signal.SIG_DFL)
+            os.kill(os.getpid(), signum)
+            return
+        self.signum = signum
+        print(f"received {signal.Signals(signum).name}: saving state after this step, then exiting "
+              f"(send it again to exit at once)", file=sys.stderr, flush=True)
+
+    def agreed(self, accelerator: Accelerator) -> bool:
+        """True on every rank if any rank got a signal: ranks must stop at the same step or DDP hangs."""
+        if accelerator.num_processes == 1:
+            return self.signum is not None
+        flag = torch.tensor([0.0 if self.signum is None else 1.0], device=accelerator.device)
+        return accelerator.reduce(flag, reduction="sum").item() > 0
+
+
+class Stopped(Exception):
+    """Raised by the training loop after it saved its state in response to a stop signal."""
