@@ -56,6 +56,14 @@ def _git_sha() -> str | None:
         return None
 
 
+def slurm_info() -> dict | None:
+    """The Slurm job this run is part of (restart_count grows with each requeue), or None outside Slurm."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    return {"job_id": os.environ["SLURM_JOB_ID"], "restart_count": int(os.environ.get("SLURM_RESTART_COUNT", 0)),
+            "array_task_id": os.environ.get("SLURM_ARRAY_TASK_ID"), "nodes": os.environ.get("SLURM_JOB_NODELIST")}
+
+
 def versions() -> dict:
     return {"torch": str(torch.__version__), "torchvision": str(torchvision.__version__),
             "accelerate": accelerate.__version__,
@@ -142,7 +150,7 @@ class Session:
                 "global_batch_size": self.args.batch_size * acc.num_processes * self.args.grad_accum_steps,
                 "mixed_precision": acc.mixed_precision, "num_classes": self.data.num_classes,
                 "train_images": len(self.data.train), "val_images": len(self.data.val), "run_id": self.run_id,
-                "versions": versions()}
+                "versions": versions(), "slurm": slurm_info()}
 
     # ---------------------------------------------------------------- training
     def fit(self, model: nn.Module, arch: str, objective: Objective | None = None) -> dict:

@@ -1,0 +1,97 @@
+import pytest
+import torch
+import torchvision
+
+from kd.checkpoint import load_model_file, save_model_file
+from kd.errors import UserError
+from kd.models import ARCHS, TORCHVISION_ARCHS, build_model
+from kd.optim import build_optimizer, param_groups, warmup_cosine
+
+
+@pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet20", 32), ("resnet8x4", 32), ("resnet56", 32)])
+def test_output_shape(arch, size):
+    model = build_model(arch, num_classes=7).eval()
+    with torch.no_grad():
+        assert model(torch.randn(2, 3, size, size)).shape == (2, 7)
+
+
+def test_all_archs_build():
+    for arch in ARCHS:
+        assert sum(p.numel() for p in build_model(arch, 10).parameters()) > 0
+
+
+def test_cifar_depths_and_widths():
+    def convs(m):
+        return sum(isinstance(x, torch.nn.Conv2d) and x.kernel_size == (3, 3) for x in m.modules())
+    assert convs(build_model("resnet20", 10)) + 1 == 20  # 19 3x3 convs + fc
+    assert convs(build_model("resnet56", 10)) + 1 == 56
+    assert build_model("resnet32x4", 100).fc.in_features == 256
+
+
+def test_unknown_arch_is_user_error():
+    with pytest.raises(UserError, match="unknown architecture 'resnet9000'"):
+        build_model("resnet9000", 10)
+
+
+def test_pretrained_without_network_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+
+    def offline(*a, **k):
+        raise OSError("network unreachable")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", offline)
+    with pytest.raises(UserError, match=r"could not load pretrained resnet18 weights .* put the file in"):
+        build_model("resnet18", 10, pretrained=True)
+
+
+def test_pretrained_uses_torchvision_weights(monkeypatch, tmp_path):
+    """With the weights file in the hub cache (as after one online run) they load and the head is replaced."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))
+    weights = torchvision.models.ResNet18_Weights.DEFAULT
+    reference = torchvision.models.resnet18()
+    cache = tmp_path / "hub" / "checkpoints"
+    cache.mkdir(parents=True)
+    torch.save(reference.state_dict(), cache / weights.url.rsplit("/", 1)[1])
+    model = build_model("resnet18", 10, pretrained=True)
+    assert model.fc.out_features == 10
+    assert torch.equal(model.conv1.weight, reference.conv1.weight)
+
+
+def test_no_weight_decay_on_norms_and_biases():
+    model = build_model("resnet20", 10)
+    decay, no_decay = param_groups(model, 5e-4)
+    assert all(p.ndim > 1 for p in decay["params"]) and all(p.ndim == 1 for p in no_decay["params"])
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 5e-4
+    assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+def test_warmup_cosine_schedule():
+    model = torch.nn.Linear(2, 2)
+    opt = build_optimizer(model, "sgd", lr=1.0, weight_decay=0.0)
+    sched = warmup_cosine(opt, warmup_steps=4, total_steps=20)
+    lrs = []
+    for _ in range(20):
+        lrs.append(sched.get_last_lr()[0])
+        opt.step()
+        sched.step()
+    assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+    assert lrs[4] == pytest.approx(1.0) and lrs[12] == pytest.approx(0.5) and lrs[-1] < 0.01
+    assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+
+
+def test_adamw_and_nesterov():
+    model = torch.nn.Linear(2, 2)
+    assert isinstance(build_optimizer(model, "adamw", 1e-3, 0.05), torch.optim.AdamW)
+    sgd = build_optimizer(model, "sgd", 0.1, 0.0, momentum=0.9, nesterov=True)
+    assert sgd.param_groups[0]["nesterov"] and sgd.param_groups[0]["momentum"] == 0.9
+
+
+def test_model_file_round_trip(tmp_path):
+    model = build_model("resnet8", 3)
+    meta = {"arch": "resnet8", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32}
+    save_model_file(tmp_path / "m.pt", model.state_dict(), meta)
+    loaded, loaded_meta = load_model_file(tmp_path / "m.pt")
+    assert loaded_meta == meta and not loaded.training
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), model.eval()(x))
+    assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
