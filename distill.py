@@ -25,8 +25,8 @@ from kd.session import Session, user_errors
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student-arch", default="resnet18", choices=ARCHS, help="student architecture "
-                        "(default: resnet18)")
+    parser.add_argument("--student-arch", default="resnet18", choices=ARCHS, metavar="ARCH",
+                        help=f"student architecture: {', '.join(ARCHS)} (default: resnet18)")
     add_distill_flags(parser)
     parser.set_defaults(output_dir="runs/distill")
     return parser.parse_args(argv)

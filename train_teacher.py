@@ -18,7 +18,8 @@ from kd.session import Session, user_errors
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet101", choices=ARCHS, help="teacher architecture (default: resnet101)")
+    parser.add_argument("--arch", default="resnet101", choices=ARCHS, metavar="ARCH",
+                        help=f"teacher architecture: {', '.join(ARCHS)} (default: resnet101)")
     parser.set_defaults(output_dir="runs/teacher")
     return parser.parse_args(argv)
 
