@@ -15,7 +15,7 @@ NPROC=${NPROC:-1}
 OUT=${OUT:-runs/pipeline-$PRESET}
 case "$PRESET" in
   smoke)     data=(--dataset synthetic); teacher=resnet20; student=resnet8
-             train=(--epochs 4 --batch-size 64 --workers 0 --lr 0.05) ;;
+             train=(--epochs 5 --batch-size 32 --workers 0 --lr 0.05) ;;
   laptop)    data=(--dataset imagewoof --image-size 64); teacher=resnet56; student=resnet20
              train=(--epochs 10 --batch-size 64 --workers 2) ;;
   reference) data=(--dataset imagewoof --image-size 128); teacher=resnet101; student=resnet18
