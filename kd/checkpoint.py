@@ -7,9 +7,7 @@ Layout of an output dir:
 from __future__ import annotations
 
 import os
-import pickle
 import shutil
-import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -32,6 +30,7 @@ class TrainState:
     epoch: int = 0  # completed epochs
     step_in_epoch: int = 0  # batches of epoch `epoch` already trained (non-zero only after a mid-epoch save)
     global_step: int = 0  # optimizer steps
+    epoch_loss_sum: float = 0.0  # training-loss sum over the batches of a mid-epoch save (mean over processes)
     best_acc1: float = -1.0
     best_epoch: int = 0
 
@@ -111,7 +110,7 @@ def load_model_file(path: str | Path) -> tuple[torch.nn.Module, dict]:
     path = resolve_model_path(path)
     try:
         blob = torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError) as exc:
+    except Exception as exc:  # noqa: BLE001 - the unpickler raises anything (KeyError, EOFError...) on garbage
         raise UserError(f"cannot read {path} ({exc.__class__.__name__}): the file is truncated or not a kd model "
                         f"file; retrain or pass another checkpoint") from None
     if not isinstance(blob, dict) or blob.get("format") != MODEL_FORMAT:

@@ -11,7 +11,7 @@ from torch.utils.data import Dataset
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
-from kd.errors import UserError
+from kd.errors import UserError, warn
 from kd.fastai_data import FASTAI_DATASETS, resolve_fastai_root
 
 DATASETS = (*FASTAI_DATASETS, "imagefolder", "cifar10", "cifar100", "synthetic")
@@ -89,14 +89,38 @@ def eval_transform(dataset: str, image_size: int, mean, std) -> T.Compose:
     return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
 
 
-def _image_folders(root: Path, dataset: str, image_size: int, mean, std):
+class CheckedImageFolder(tv_datasets.ImageFolder):
+    """ImageFolder that names the file it cannot decode (a UserError), or with skip_corrupt=True skips it: warns
+    once per file and serves the next readable image instead, so the epoch keeps its length."""
+
+    def __init__(self, root, transform, skip_corrupt: bool = False):
+        super().__init__(root, transform)
+        self.skip_corrupt = skip_corrupt
+        self.skipped: set[str] = set()
+
+    def __getitem__(self, index: int):
+        for offset in range(len(self)):
+            path = self.samples[(index + offset) % len(self)][0]
+            try:
+                return super().__getitem__((index + offset) % len(self))
+            except (OSError, SyntaxError, ValueError) as exc:  # PIL: UnidentifiedImageError, truncated data
+                if not self.skip_corrupt:
+                    raise UserError(f"cannot decode image {path} ({exc.__class__.__name__}): delete or replace it, "
+                                    f"or pass --skip-corrupt to skip unreadable files") from None
+                if path not in self.skipped:
+                    self.skipped.add(path)
+                    warn(f"skipping unreadable image {path} ({len(self.skipped)} skipped so far)")
+        raise UserError(f"no readable image in {self.root}")
+
+
+def _image_folders(root: Path, dataset: str, image_size: int, mean, std, skip_corrupt: bool = False):
     split_dirs = {split: root / split for split in ("train", "val")}
     for split, path in split_dirs.items():
         if not path.is_dir():
             raise UserError(f"{root} has no {split}/ folder: --data-dir must hold train/<class>/* and val/<class>/*")
     try:
-        train = tv_datasets.ImageFolder(split_dirs["train"], train_transform(dataset, image_size, mean, std))
-        val = tv_datasets.ImageFolder(split_dirs["val"], eval_transform(dataset, image_size, mean, std))
+        train = CheckedImageFolder(split_dirs["train"], train_transform(dataset, image_size, mean, std), skip_corrupt)
+        val = CheckedImageFolder(split_dirs["val"], eval_transform(dataset, image_size, mean, std), skip_corrupt)
     except (FileNotFoundError, OSError) as exc:  # ImageFolder: no class folders, or no images in them
         raise UserError(f"cannot read images under {root}: {exc}") from None
     if train.classes != val.classes:
@@ -128,6 +152,7 @@ def build_datasets(
     variant: str = "auto",
     download: bool = True,
     seed: int = 0,
+    skip_corrupt: bool = False,
     synthetic_size: tuple[int, int] = (640, 320),
 ) -> DataBundle:
     if dataset not in DATASETS:
@@ -147,8 +172,8 @@ def build_datasets(
             raise UserError("--dataset imagefolder needs --data-dir pointing to a folder with train/ and val/")
         if not root.is_dir():
             raise UserError(f"--data-dir {root} does not exist: pass a folder with train/<class>/* and val/<class>/*")
-        train, val, classes = _image_folders(root, dataset, image_size, mean, std)
+        train, val, classes = _image_folders(root, dataset, image_size, mean, std, skip_corrupt)
     else:
         folder = resolve_fastai_root(dataset, variant, image_size, root, download)
-        train, val, classes = _image_folders(folder, dataset, image_size, mean, std)
+        train, val, classes = _image_folders(folder, dataset, image_size, mean, std, skip_corrupt)
     return DataBundle(IndexedDataset(train), IndexedDataset(val), list(classes), mean, std, image_size)

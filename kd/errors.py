@@ -6,3 +6,12 @@ class UserError(Exception):
 
 
 EXIT_USER_ERROR = 2
+
+
+def warn(message: str) -> None:
+    """One line on stderr, from the first process only (the others would repeat it)."""
+    import os
+    import sys
+
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"warning: {message}", file=sys.stderr, flush=True)

@@ -5,10 +5,11 @@ import json
 import os
 import time
 import uuid
-import warnings
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from kd.errors import warn
 
 # Metric keys: the only place they are spelled out.
 TRAIN_LOSS, TRAIN_LOSS_CE, TRAIN_LOSS_KD = "train/loss", "train/loss_ce", "train/loss_kd"
@@ -42,12 +43,12 @@ def prepare_wandb_mode(report_to: str) -> str:
     if report_to != "wandb":
         return "none"
     if not wandb_available():
-        warnings.warn("--report-to wandb: the wandb package is not installed; logging to metrics.jsonl only")
+        warn("--report-to wandb: the wandb package is not installed; logging to metrics.jsonl only")
         return "none"
     if os.environ.get("WANDB_MODE") == "disabled":
         return "none"
     if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
-        warnings.warn("W&B: not logged in (no WANDB_API_KEY or `wandb login`); logging offline, sync later with "
+        warn("W&B: not logged in (no WANDB_API_KEY or `wandb login`); logging offline, sync later with "
                       "`wandb sync <output-dir>/wandb/offline-run-*`")
         os.environ["WANDB_MODE"] = "offline"
     return "wandb"
@@ -79,11 +80,16 @@ class Tracker:
             self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": wandb_kwargs})
         except Exception as exc:  # W&B unreachable or rejected the key: the run must go on without it.
             if os.environ.get("WANDB_MODE") == "offline":
-                warnings.warn(f"W&B could not start ({exc}); logging to {self.path.name} only")
+                warn(f"W&B could not start ({exc}); logging to {self.path.name} only")
                 return
-            warnings.warn(f"W&B could not start online ({exc.__class__.__name__}: {exc}); logging offline instead")
-            os.environ["WANDB_MODE"] = "offline"
-            self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": wandb_kwargs})
+            reason = str(exc).splitlines()[0]
+            warn(f"W&B could not start online ({exc.__class__.__name__}: {reason}); logging offline instead")
+            os.environ["WANDB_MODE"] = "offline"  # for any later wandb.init in this process
+            import wandb
+            wandb.teardown()  # the failed online attempt still holds the run id in W&B's service process
+            self.accelerator.trackers.clear()  # and is already registered with Accelerate
+            self.accelerator.init_trackers(project, config=config, init_kwargs={"wandb": {**wandb_kwargs,
+                                                                                         "mode": "offline"}})
 
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
