@@ -30,7 +30,7 @@ def wandb_available() -> bool:
     return True
 
 
-def _wandb_logged_in() -> bool:
+def wandb_logged_in() -> bool:
     if os.environ.get("WANDB_API_KEY"):
         return True
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -47,7 +47,7 @@ def prepare_wandb_mode(report_to: str) -> str:
         return "none"
     if os.environ.get("WANDB_MODE") == "disabled":
         return "none"
-    if not os.environ.get("WANDB_MODE") and not _wandb_logged_in():
+    if not os.environ.get("WANDB_MODE") and not wandb_logged_in():
         warn("W&B: not logged in (no WANDB_API_KEY or `wandb login`); logging offline, sync later with "
                       "`wandb sync <output-dir>/wandb/offline-run-*`")
         os.environ["WANDB_MODE"] = "offline"
@@ -106,7 +106,18 @@ class Tracker:
         record = {"step": step, "time": round(time.time(), 3), **values}
         with open(self.path, "a") as f:
             f.write(json.dumps(record) + "\n")
-        self.accelerator.log(values, step=step)
+        self._to_trackers(lambda: self.accelerator.log(values, step=step))
+
+    def _to_trackers(self, call) -> None:
+        """W&B failing mid-run (its service killed by a stop signal, a lost connection) must not stop training:
+        warn once, then keep writing metrics.jsonl only."""
+        if not self.accelerator.trackers:
+            return
+        try:
+            call()
+        except Exception as exc:  # noqa: BLE001 - any tracker error
+            warn(f"W&B stopped working ({exc.__class__.__name__}: {exc}); logging to {self.path.name} only")
+            self.accelerator.trackers.clear()
 
     def summary(self, values: dict) -> None:
         """Sets W&B run summary values (e.g. best/val_acc1) instead of last-logged ones."""
@@ -114,10 +125,10 @@ class Tracker:
             return
         for tracker in self.accelerator.trackers:
             if tracker.name == "wandb":
-                tracker.tracker.summary.update(values)
+                self._to_trackers(lambda: tracker.tracker.summary.update(values))
 
     def finish(self) -> None:
-        self.accelerator.end_training()
+        self._to_trackers(self.accelerator.end_training)
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -137,10 +137,14 @@ def test_stop_signal_with_two_ddp_ranks(tmp_path):
 
 
 def test_second_signal_exits_at_once():
-    code = ("import os, signal, time\nfrom kd.signals import StopRequest\nStopRequest().install()\n"
-            "os.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(30)\n")
+    """A repeat within REPEAT_WINDOW is the same stop delivered twice (Slurm does that); a later one kills."""
+    code = ("import os, signal, time\nfrom kd.signals import REPEAT_WINDOW, StopRequest\nstop = StopRequest().install()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGTERM)\n"
+            "print('alive', stop.signum, flush=True)\ntime.sleep(REPEAT_WINDOW + 0.2)\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(30)\n")
     proc = subprocess.run([sys.executable, "-c", code], env=script_env(), capture_output=True, text=True, timeout=30)
     assert proc.returncode == -signal.SIGUSR1 and "received SIGUSR1" in proc.stderr
+    assert proc.stdout.strip() == f"alive {int(signal.SIGUSR1)}"
 
 
 def test_dead_rank_ends_the_job(tmp_path):

@@ -1,0 +1,364 @@
+"""Did distillation help? The study's takeaway table, plots and a markdown report, from a folder of runs
+(metrics.jsonl: always works offline) or from a W&B group (online).
+
+    python -m kd.report runs/study-cpu                       # writes runs/study-cpu/report/
+    python -m kd.report study-gpu --wandb-project kd --wandb-entity me   # a W&B group, read through the API
+
+Writes report.md (the table, the plots, how to read them), results.json, curves.png, grid.png, agreement.png.
+Online, it also logs the table and plots to a `report` run in the group and builds a W&B Report from the group
+(needs the optional `wandb-workspaces` package: pip install -e '.[report]'); offline it says what it skipped.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+
+from kd.errors import UserError
+from kd.tracking import read_metrics, wandb_logged_in
+
+
+# ---------------------------------------------------------------- reading runs
+def _run_record(name: str, config: dict, records: list[dict]) -> dict | None:
+    vals = [r for r in records if "val/acc1" in r]
+    if not vals:
+        return None
+    times = [r["time"] for r in records if "time" in r]
+    return {
+        "name": name, "job_type": config["job_type"], "seed": config.get("seed"),
+        "arch": config.get("arch") or config.get("student_arch"), "alpha": config.get("alpha"),
+        "temperature": config.get("temperature"), "dataset": config.get("dataset"),
+        "image_size": config.get("image_size"), "epochs_planned": config.get("epochs"),
+        "epochs": [r["epoch"] for r in vals], "acc1": [r["val/acc1"] for r in vals],
+        "agreement": [r.get("val/agreement") for r in vals],
+        "teacher_acc1": next((r["teacher/val_acc1"] for r in records if "teacher/val_acc1" in r), None),
+        "wall_seconds": (max(times) - min(times)) if times else None,
+    }
+
+
+def load_local_runs(root: Path) -> list[dict]:
+    runs = []
+    for config_file in sorted(Path(root).glob("**/config.json")):
+        run_dir = config_file.parent
+        if not (run_dir / "metrics.jsonl").exists():
+            continue
+        run = _run_record(run_dir.name, json.loads(config_file.read_text()), read_metrics(run_dir))
+        if run:
+            runs.append(run)
+    if not runs:
+        raise UserError(f"no finished epoch in any run under {root}: pass a folder holding run output dirs "
+                        f"(each with config.json and metrics.jsonl)")
+    return runs
+
+
+def load_wandb_runs(group: str, project: str, entity: str | None) -> list[dict]:
+    import wandb
+
+    try:
+        api = wandb.Api(timeout=30)
+        path = f"{entity or api.default_entity}/{project}"
+        found = list(api.runs(path, filters={"group": group}))
+    except Exception as exc:  # noqa: BLE001 - offline, not logged in, unknown project
+        raise UserError(f"cannot read W&B group {group!r} of {project} ({exc.__class__.__name__}: {exc}); "
+                        f"pass a local runs folder instead") from None
+    keys = ["epoch", "val/acc1", "val/agreement", "teacher/val_acc1", "_timestamp"]
+    runs = []
+    for r in found:
+        records = [{k: v for k, v in row.items() if v is not None} for row in r.scan_history(keys=None)]
+        records = [{**row, "time": row.get("_timestamp")} for row in records if set(row) & set(keys)]
+        run = _run_record(r.name, {**r.config, "job_type": r.config.get("job_type", r.job_type)}, records)
+        if run:
+            runs.append(run)
+    if not runs:
+        raise UserError(f"W&B group {group!r} in {project} has no run with a finished epoch")
+    return runs
+
+
+# ---------------------------------------------------------------- statistics
+def _betainc(a: float, b: float, x: float) -> float:
+    """Regularized incomplete beta I_x(a, b), by its continued fraction (modified Lentz)."""
+    if x <= 0.0:
+        return 0.0
+    if x >= 1.0:
+        return 1.0
+    if x > (a + 1.0) / (a + b + 2.0):  # the fraction converges fast only below this point
+        return 1.0 - _betainc(b, a, 1.0 - x)
+    log_front = math.lgamma(a + b) - math.lgamma(a) - math.lgamma(b) + a * math.log(x) + b * math.log1p(-x)
+    tiny, c, d = 1e-300, 1.0, 1.0 - (a + b) * x / (a + 1.0)
+    d = 1.0 / (d if abs(d) > tiny else tiny)
+    f = d
+    for m in range(1, 500):
+        for numerator in (m * (b - m) * x / ((a + 2 * m - 1) * (a + 2 * m)),
+                          -(a + m) * (a + b + m) * x / ((a + 2 * m) * (a + 2 * m + 1))):
+            d = 1.0 + numerator * d
+            d = 1.0 / (d if abs(d) > tiny else tiny)
+            c = 1.0 + numerator / c
+            c = c if abs(c) > tiny else tiny
+            f *= c * d
+        if abs(c * d - 1.0) < 1e-14:
+            break
+    return math.exp(log_front) * f / a
+
+
+def welch_test(a: list[float], b: list[float]) -> dict:
+    """Welch's t-test of mean(a) - mean(b): the difference, its standard error, t, dof and two-sided p."""
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    diff = float(a.mean() - b.mean())
+    if len(a) < 2 or len(b) < 2:
+        return {"diff": diff, "se": None, "t": None, "dof": None, "p": None}
+    va, vb = a.var(ddof=1) / len(a), b.var(ddof=1) / len(b)
+    se = math.sqrt(va + vb)
+    if se == 0:
+        return {"diff": diff, "se": 0.0, "t": math.inf if diff else 0.0, "dof": None, "p": 0.0 if diff else 1.0}
+    dof = (va + vb) ** 2 / (va**2 / (len(a) - 1) + vb**2 / (len(b) - 1))
+    t = diff / se
+    return {"diff": diff, "se": se, "t": t, "dof": dof, "p": _betainc(dof / 2, 0.5, dof / (dof + t * t))}
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.asarray(values, float)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
+            "values": [float(x) for x in v]}
+
+
+def summarize(runs: list[dict]) -> dict:
+    teachers = [r for r in runs if r["job_type"] == "teacher"]
+    students = [r for r in runs if r["job_type"] == "student"]
+    distilled = defaultdict(list)
+    for r in runs:
+        if r["job_type"] == "distill":
+            distilled[(r["alpha"], r["temperature"])].append(r)
+    if not students or not distilled:
+        raise UserError("the report compares distilled students with student-only runs: the runs hold "
+                        f"{len(students)} student-only and {sum(map(len, distilled.values()))} distilled runs")
+    base_final = [r["acc1"][-1] for r in students]
+    base_best = [max(r["acc1"]) for r in students]
+    rows = []
+    for (alpha, temp), group in sorted(distilled.items()):
+        final, best = [r["acc1"][-1] for r in group], [max(r["acc1"]) for r in group]
+        rows.append({
+            "alpha": alpha, "temperature": temp, "student_arch": group[0]["arch"],
+            "distilled_final": _stats(final), "student_final": _stats(base_final),
+            "distilled_best": _stats(best), "student_best": _stats(base_best),
+            "delta_final": welch_test(final, base_final), "delta_best": welch_test(best, base_best),
+            "agreement_final": _stats([r["agreement"][-1] for r in group if r["agreement"][-1] is not None]),
+            "seeds": sorted(r["seed"] for r in group),
+        })
+    teacher = teachers[0] if teachers else None
+    teacher_acc = teacher["acc1"][-1] if teacher else next((r["teacher_acc1"] for g in distilled.values()
+                                                            for r in g if r["teacher_acc1"] is not None), None)
+    return {
+        "dataset": runs[0]["dataset"], "image_size": runs[0]["image_size"],
+        "teacher": {"arch": teacher["arch"] if teacher else None, "final_acc1": teacher_acc,
+                    "best_acc1": max(teacher["acc1"]) if teacher else None},
+        "student_arch": students[0]["arch"], "student_seeds": sorted(r["seed"] for r in students),
+        "epochs": max(r["epochs"][-1] for r in runs), "rows": rows,
+        "wall_hours": sum(r["wall_seconds"] or 0 for r in runs) / 3600,
+    }
+
+
+# ---------------------------------------------------------------- output
+def _pm(s: dict) -> str:
+    return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
+
+
+def _delta(d: dict) -> str:
+    if d["p"] is None:
+        return f"{100 * d['diff']:+.2f}"
+    sigma = abs(d["diff"]) / d["se"] if d["se"] else math.inf
+    return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, p={d['p']:.3f})"
+
+
+def takeaway_table(summary: dict) -> str:
+    t = summary["teacher"]
+    head = ("| teacher | student | dataset | α | T | distilled, final | student-only, final | Δ final (Welch) "
+            "| distilled, best epoch* | student-only, best epoch* | Δ best* | agreement |")
+    lines = [head, "|" + "---|" * 12]
+    teacher = f"{t['arch']} ({100 * t['final_acc1']:.2f})" if t["final_acc1"] is not None else str(t["arch"])
+    for row in summary["rows"]:
+        lines.append(
+            f"| {teacher} | {row['student_arch']} | {summary['dataset']} {summary['image_size']} px | {row['alpha']} "
+            f"| {row['temperature']:g} | {_pm(row['distilled_final'])} (n={row['distilled_final']['n']}) "
+            f"| {_pm(row['student_final'])} (n={row['student_final']['n']}) | {_delta(row['delta_final'])} "
+            f"| {_pm(row['distilled_best'])} | {_pm(row['student_best'])} | {_delta(row['delta_best'])} "
+            f"| {_pm(row['agreement_final'])} |")
+    lines.append("")
+    lines.append("Top-1 val accuracy in %, mean ± std over seeds. *Best epoch is selected on the val set itself, "
+                 "so it is optimistic; the final epoch is the unbiased number. Δ: distilled − student-only, with "
+                 "its size in standard errors (σ) and Welch's two-sided p. Agreement: top-1 agreement of the "
+                 "distilled student with the teacher at the final epoch.")
+    return "\n".join(lines)
+
+
+def _mean_band(runs: list[dict], key: str):
+    length = min(len(r[key]) for r in runs)
+    values = np.array([[np.nan if v is None else v for v in r[key][:length]] for r in runs], float)
+    epochs = runs[0]["epochs"][:length]
+    return epochs, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+
+
+def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = {"student-only": [r for r in runs if r["job_type"] == "student"]}
+    for row in summary["rows"]:
+        groups[f"distilled α={row['alpha']} T={row['temperature']:g}"] = [
+            r for r in runs if r["job_type"] == "distill" and (r["alpha"], r["temperature"]) ==
+            (row["alpha"], row["temperature"])]
+    files = []
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for label, members in groups.items():
+        epochs, mean, lo, hi = _mean_band(members, "acc1")
+        ax.plot(epochs, 100 * mean, label=f"{label} (n={len(members)})")
+        ax.fill_between(epochs, 100 * lo, 100 * hi, alpha=0.2)
+    if summary["teacher"]["final_acc1"] is not None:
+        ax.axhline(100 * summary["teacher"]["final_acc1"], color="k", ls="--", lw=1,
+                   label=f"teacher {summary['teacher']['arch']}")
+    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="Validation accuracy (mean, band = min..max over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=120)
+    files.append("curves.png")
+    plt.close(fig)
+
+    alphas = sorted({r["alpha"] for r in summary["rows"]})
+    temps = sorted({r["temperature"] for r in summary["rows"]})
+    grid = np.full((len(temps), len(alphas)), np.nan)
+    for row in summary["rows"]:
+        grid[temps.index(row["temperature"]), alphas.index(row["alpha"])] = 100 * row["delta_final"]["diff"]
+    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(alphas), 1.4 + 1.0 * len(temps)))
+    limit = max(1e-6, np.nanmax(np.abs(grid)))
+    image = ax.imshow(grid, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
+    for (i, j), value in np.ndenumerate(grid):
+        ax.text(j, i, f"{value:+.2f}", ha="center", va="center")
+    ax.set_xticks(range(len(alphas)), [f"α={a}" for a in alphas])
+    ax.set_yticks(range(len(temps)), [f"T={t:g}" for t in temps])
+    ax.set_title("Δ final top-1 vs student-only (pts)")
+    fig.colorbar(image, ax=ax)
+    fig.tight_layout()
+    fig.savefig(out / "grid.png", dpi=120)
+    files.append("grid.png")
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for label, members in groups.items():
+        if label == "student-only":
+            continue
+        epochs, mean, lo, hi = _mean_band(members, "agreement")
+        ax.plot(epochs, 100 * mean, label=label)
+        ax.fill_between(epochs, 100 * lo, 100 * hi, alpha=0.2)
+    ax.set(xlabel="epoch", ylabel="agreement with teacher (%)", title="Teacher–student top-1 agreement on val")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "agreement.png", dpi=120)
+    files.append("agreement.png")
+    plt.close(fig)
+    return files
+
+
+def write_markdown(summary: dict, plots: list[str], source: str, out: Path) -> Path:
+    t = summary["teacher"]
+    teacher_line = (f"Teacher {t['arch']}: {100 * t['final_acc1']:.2f} % final top-1."
+                    if t["final_acc1"] is not None else "")
+    text = [
+        f"# Distillation report: {source}", "",
+        f"{summary['dataset']} at {summary['image_size']} px, {summary['epochs']} epochs; student "
+        f"{summary['student_arch']} alone (seeds {summary['student_seeds']}) and distilled. {teacher_line} "
+        f"Training time of all runs together: {summary['wall_hours']:.2f} h.", "",
+        "## Takeaway", "", takeaway_table(summary), "",
+        "## Plots", "",
+        *[f"![{name[:-4]}]({name})\n" for name in plots],
+    ]
+    path = out / "report.md"
+    path.write_text("\n".join(text) + "\n")
+    return path
+
+
+def publish_to_wandb(summary: dict, out: Path, plots: list[str], group: str, project: str,
+                     entity: str | None) -> list[str]:
+    """Logs the table and plots to a `report` run in the group and builds a W&B Report of the group. Returns
+    what it did or skipped, one line each."""
+    import wandb
+
+    if os.environ.get("WANDB_MODE") in ("offline", "disabled") or not wandb_logged_in():
+        return ["W&B offline: skipped the summary run and the W&B Report; run this again online (logged in, "
+                "WANDB_MODE unset) to publish them"]
+    done = []
+    run = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report-{group}",
+                     config={"source": str(out)})
+    columns = ["alpha", "T", "distilled_final_mean", "distilled_final_std", "student_final_mean",
+               "student_final_std", "delta_final", "p_final", "distilled_best_mean", "student_best_mean", "n"]
+    table = wandb.Table(columns=columns, data=[[
+        r["alpha"], r["temperature"], r["distilled_final"]["mean"], r["distilled_final"]["std"],
+        r["student_final"]["mean"], r["student_final"]["std"], r["delta_final"]["diff"], r["delta_final"]["p"],
+        r["distilled_best"]["mean"], r["student_best"]["mean"], r["distilled_final"]["n"]] for r in summary["rows"]])
+    run.log({"report/table": table, **{f"report/{p[:-4]}": wandb.Image(str(out / p)) for p in plots}})
+    run.summary["report/markdown"] = (out / "report.md").read_text()
+    url = run.url
+    run.finish()
+    done.append(f"W&B: logged the table and plots to {url}")
+    try:
+        import wandb_workspaces.reports.v2 as wr
+    except ImportError:
+        return done + ["W&B Report skipped: pip install wandb-workspaces (or -e '.[report]') to build one"]
+    runset = wr.Runset(entity=entity or wandb.Api().default_entity, project=project, name=group,
+                       filters=f'Metric("Group") == "{group}"', groupby=["job_type", "alpha", "temperature"])
+    report = wr.Report(project=project, entity=entity or wandb.Api().default_entity,
+                       title=f"Distillation study {group}",
+                       description="distilled vs student-only, generated by python -m kd.report", blocks=[
+                           wr.H1(text=f"Did distillation help? ({group})"),
+                           wr.MarkdownBlock(text=takeaway_table(summary)),
+                           wr.PanelGrid(runsets=[runset], panels=[
+                               wr.LinePlot(title="val top-1", x="epoch", y=["val/acc1"],
+                                           groupby_aggfunc="mean", groupby_rangefunc="minmax"),
+                               wr.LinePlot(title="teacher agreement", x="epoch", y=["val/agreement"],
+                                           groupby_aggfunc="mean", groupby_rangefunc="minmax"),
+                               wr.LinePlot(title="train loss", y=["train/loss"])]),
+                       ])
+    report.save()
+    return done + [f"W&B Report: {report.url}"]
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="a folder of run output dirs, or a W&B group name (with --wandb-project)")
+    parser.add_argument("--out", type=Path, help="where the report goes (default: <source>/report, or "
+                        "reports/<group> for a W&B group)")
+    parser.add_argument("--wandb-project", default="kd", help="W&B project, for a group or publishing (default: kd)")
+    parser.add_argument("--wandb-entity", help="W&B entity")
+    parser.add_argument("--wandb-group", help="group to publish to (default: the runs' group or folder name)")
+    parser.add_argument("--no-publish", action="store_true", help="write the local report only")
+    args = parser.parse_args(argv)
+    from kd.session import user_errors
+
+    with user_errors():
+        local = Path(args.source).exists()
+        runs = load_local_runs(Path(args.source)) if local else \
+            load_wandb_runs(args.source, args.wandb_project, args.wandb_entity)
+        out = args.out or (Path(args.source) / "report" if local else Path("reports") / args.source)
+        out.mkdir(parents=True, exist_ok=True)
+        summary = summarize(runs)
+        plots = make_plots(runs, summary, out)
+        (out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
+        path = write_markdown(summary, plots, args.source, out)
+        print(takeaway_table(summary))
+        print(f"\nreport: {path}")
+        if not args.no_publish:
+            group = args.wandb_group or (Path(args.source).name if local else args.source)
+            for line in publish_to_wandb(summary, out, plots, group, args.wandb_project, args.wandb_entity):
+                print(line)
+        return summary
+
+
+if __name__ == "__main__":
+    main()
