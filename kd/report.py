@@ -212,23 +212,28 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
         groups[f"distilled α={row['alpha']} T={row['temperature']:g}"] = [
             r for r in runs if r["job_type"] == "distill" and (r["alpha"], r["temperature"]) ==
             (row["alpha"], row["temperature"])]
-    files = []
+    def save(fig, name: str) -> str:
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=120)
+        plt.close(fig)
+        return name
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    for label, members in groups.items():
-        epochs, mean, lo, hi = _mean_band(members, "acc1")
-        ax.plot(epochs, 100 * mean, label=f"{label} (n={len(members)})")
-        ax.fill_between(epochs, 100 * lo, 100 * hi, alpha=0.2)
-    if summary["teacher"]["final_acc1"] is not None:
-        ax.axhline(100 * summary["teacher"]["final_acc1"], color="k", ls="--", lw=1,
-                   label=f"teacher {summary['teacher']['arch']}")
-    ax.set(xlabel="epoch", ylabel="val top-1 (%)", title="Validation accuracy (mean, band = min..max over seeds)")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=120)
-    files.append("curves.png")
-    plt.close(fig)
+    def band_plot(key: str, members_by_label: dict, title: str, ylabel: str, teacher_line: bool):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for label, members in members_by_label.items():
+            epochs, mean, lo, hi = _mean_band(members, key)
+            ax.plot(epochs, 100 * mean, label=f"{label} (n={len(members)})")
+            ax.fill_between(epochs, 100 * lo, 100 * hi, alpha=0.2)
+        if teacher_line and summary["teacher"]["final_acc1"] is not None:
+            ax.axhline(100 * summary["teacher"]["final_acc1"], color="k", ls="--", lw=1,
+                       label=f"teacher {summary['teacher']['arch']}")
+        ax.set(xlabel="epoch", ylabel=ylabel, title=title)
+        ax.legend(fontsize=8)
+        ax.grid(alpha=0.3)
+        return fig
+
+    files = [save(band_plot("acc1", groups, "Validation accuracy (mean, band = min..max over seeds)",
+                            "val top-1 (%)", True), "curves.png")]
 
     alphas = sorted({r["alpha"] for r in summary["rows"]})
     temps = sorted({r["temperature"] for r in summary["rows"]})
@@ -244,25 +249,11 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     ax.set_yticks(range(len(temps)), [f"T={t:g}" for t in temps])
     ax.set_title("Δ final top-1 vs student-only (pts)")
     fig.colorbar(image, ax=ax)
-    fig.tight_layout()
-    fig.savefig(out / "grid.png", dpi=120)
-    files.append("grid.png")
-    plt.close(fig)
+    files.append(save(fig, "grid.png"))
 
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for label, members in groups.items():
-        if label == "student-only":
-            continue
-        epochs, mean, lo, hi = _mean_band(members, "agreement")
-        ax.plot(epochs, 100 * mean, label=label)
-        ax.fill_between(epochs, 100 * lo, 100 * hi, alpha=0.2)
-    ax.set(xlabel="epoch", ylabel="agreement with teacher (%)", title="Teacher–student top-1 agreement on val")
-    ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out / "agreement.png", dpi=120)
-    files.append("agreement.png")
-    plt.close(fig)
+    distilled = {label: members for label, members in groups.items() if label != "student-only"}
+    files.append(save(band_plot("agreement", distilled, "Teacher–student top-1 agreement on val",
+                                "agreement with teacher (%)", False), "agreement.png"))
     return files
 
 
