@@ -89,3 +89,9 @@ def test_bad_data_dirs(tmp_path, jpeg_folder, layout, message):
         (root / "train" / "a" / "x.jpg").unlink()
     with pytest.raises(UserError, match=message):
         build_datasets("imagefolder", str(root), 32)
+
+
+def test_cifar_offline_without_files_is_one_clear_error(tmp_path):
+    with pytest.raises(UserError, match=r"cannot load cifar10 from .*pass --data-dir holding the extracted "
+                                        r"cifar-10-batches-py/"):
+        build_datasets("cifar10", str(tmp_path), 32, download=False)

@@ -165,3 +165,19 @@ def test_real_imagewoof_slice(imagewoof_slice, tmp_path):
                "--output-dir", tmp_path / "t", "--report-to", "none")
     meta = load_model_file(tmp_path / "t")[1]
     assert meta["class_names"] == ["n02086240", "n02087394", "n02088364"] and meta["image_size"] == 64
+
+
+def test_repository_accelerate_config_runs_two_processes_bf16(tmp_path):
+    """accelerate_config.yaml (multi-GPU, bf16) is a valid config: on a CPU it runs 2 gloo ranks with bf16."""
+    import subprocess
+    import sys
+
+    from conftest import REPO, free_port, script_env
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / "accelerate_config.yaml"),
+           "--num_processes", "2", "--main_process_port", str(free_port()), str(REPO / "train_teacher.py"),
+           "--dataset", "synthetic", "--arch", "resnet8", "--epochs", "1", "--batch-size", "32", "--workers", "0",
+           "--report-to", "none", "--output-dir", str(tmp_path / "o")]
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    config = json.loads((tmp_path / "o" / "config.json").read_text())
+    assert config["num_processes"] == 2 and config["mixed_precision"] == "bf16"
