@@ -170,7 +170,7 @@ def _pm(s: dict) -> str:
 def _delta(d: dict) -> str:
     if d["p"] is None:
         return f"{100 * d['diff']:+.2f}"
-    sigma = abs(d["diff"]) / d["se"] if d["se"] else math.inf
+    sigma = abs(d["diff"]) / d["se"] if d["se"] else (math.inf if d["diff"] else 0.0)
     return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, p={d['p']:.3f})"
 
 

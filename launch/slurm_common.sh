@@ -8,7 +8,7 @@
 #   - Slurm's warning signal (#SBATCH --signal=B:USR1@...) makes the training processes save and exit,
 #     then the job requeues itself;
 #   - every start and end is appended to <output-dir>/slurm_restarts.log.
-# Settings (environment): see launch/SLURM.md.
+# Settings (environment): see "On a Slurm cluster" in README.md.
 
 KD_EXIT_STOPPED=3  # kd.signals.EXIT_STOPPED: training saved its state on a signal and exited
 KD_RESTART_LOG=slurm_restarts.log

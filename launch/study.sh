@@ -9,7 +9,7 @@
 # Env: PRESET (gpu|cpu), DATA_DIR, OUT (default runs/study-$PRESET), SEEDS (default "0 1 2"), ALPHAS ("0.05 0.1"),
 # TEMPS ("7"), NPROC (processes per run, default 1), JOBS (student runs at once, default 1), GROUP (W&B group).
 # Extra arguments go to every run. Re-running resumes: finished runs are kept, interrupted ones continue.
-# On Slurm, the same grid runs as a job array: see launch/SLURM.md.
+# On Slurm: launch/submit_study.sh (teacher, one job array, report; GPU example in README.md "On a Slurm cluster").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 

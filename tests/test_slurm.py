@@ -223,6 +223,58 @@ def test_sweep_job_array(pipeline, jpeg_folder, tmp_path):
     assert len(run_ids) == len(points)
 
 
+# ---------------------------------------------------------------------------------------------- study
+@pytest.mark.slurm
+def test_study_teacher_array_report(slurm_nodes, jpeg_folder, tmp_path):
+    """launch/submit_study.sh: the teacher; one array over 2 student-only + 2 distilled runs (afterok); the report
+    (afterany on the array). Run dirs named as launch/study.sh names them, one W&B group, kd.report's output."""
+    log_dir, root = tmp_path / "logs", tmp_path / "study-t"
+    log_dir.mkdir()
+    env = job_env(KD_OUTPUT_DIR=str(root), KD_STUDY_SEEDS="0 1", KD_STUDY_ALPHAS="0.3", KD_STUDY_TEMPERATURES="4",
+                  KD_TEACHER_FLAGS="--arch resnet8", KD_STUDENT_FLAGS="--student-arch resnet8")
+    teacher, array, report = submit_helper(
+        "submit_study.sh", *CPU_JOB, "--ntasks=1", "-o", f"{log_dir}/%x-%j.out", "--", *TINY, "--epochs", "1",
+        "--data-dir", jpeg_folder, env=env, cwd=tmp_path).split()
+    waiting = {job: job_records(job)[0] for job in (array, report)}  # while the teacher runs (it takes > 5 s)
+    wait_gone([teacher, array, report], log_dir, timeout=150)
+
+    assert waiting[array]["Dependency"].startswith(f"afterok:{teacher}")
+    assert re.match(rf"afterok:{teacher}\S*,afterany:{array}", waiting[report]["Dependency"]), waiting[report]
+    assert {r["JobState"] for r in waiting.values()} == {"PENDING"}
+    tasks = sorted(job_records(array), key=lambda r: int(r["ArrayTaskId"]))
+    assert [(r["ArrayTaskId"], r["JobState"], r["ExitCode"]) for r in tasks] == [
+        (str(i), "COMPLETED", "0:0") for i in range(4)], logs(log_dir)
+    times = {job: {k: datetime.fromisoformat(r[k]) for k in ("StartTime", "EndTime")} for job, r in (
+        (teacher, assert_completed(teacher, log_dir)), (report, assert_completed(report, log_dir)))}
+    assert all(datetime.fromisoformat(t["StartTime"]) >= times[teacher]["EndTime"] for t in tasks)
+    assert times[report]["StartTime"] >= max(datetime.fromisoformat(t["EndTime"]) for t in tasks)
+
+    expected = {"teacher": ("teacher", None, None, 0), "student-s0": ("student", None, None, 0),
+                "student-s1": ("student", None, None, 1), "distill-a0.3-T4-s0": ("distill", 0.3, 4.0, 0),
+                "distill-a0.3-T4-s1": ("distill", 0.3, 4.0, 1)}  # array order: students, then alpha x T x seed
+    assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted([*expected, "report"])
+    for (name, (job_type, alpha, temperature, seed)), job in zip(expected.items(),
+                                                                [teacher] + [t["JobId"] for t in tasks]):
+        config = assert_finished_run(root / name, 1, job)  # model_final.pt, epochs, this job in config.json
+        assert (config["job_type"], config["seed"], config["wandb_group"]) == (job_type, seed, "study-t")
+        if job_type == "distill":
+            assert (config["alpha"], config["temperature"]) == (alpha, temperature)
+            assert config["teacher_checkpoint"] == str(root / "teacher")
+        elif job_type == "student":
+            assert config["teacher_checkpoint"] == "none"
+        (wandb_dir,) = offline_runs(root / name)
+        wandb_run = read_run(wandb_dir)
+        assert (wandb_run["group"], wandb_run["job_type"], wandb_run["tags"]) == ("study-t", job_type,
+                                                                                   ["study", job_type])
+
+    assert (root / "report" / "report.md").is_file()
+    results = json.loads((root / "report" / "results.json").read_text())
+    assert sorted(r["name"] for r in results["runs"]) == sorted(expected)
+    (row,) = results["summary"]["rows"]
+    assert (row["alpha"], row["temperature"], row["seeds"]) == (0.3, 4.0, [0, 1])
+    assert results["summary"]["student_seeds"] == [0, 1]
+
+
 # ---------------------------------------------------------------------------------------------- multi-node
 def launcher_lines(log: Path) -> dict[str, list[str]]:
     """{node: launcher argv} from the KD_DRY_RUN=1 lines `kd-launch node=N machine_rank=R: CMD...`."""
