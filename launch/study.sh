@@ -34,6 +34,8 @@ launcher=(accelerate launch --num_machines 1 --dynamo_backend no --num_processes
 if ! python -c "import torch, sys; sys.exit(not torch.cuda.is_available())"; then
   export ACCELERATE_USE_CPU=true
   [ "$NPROC" -gt 1 ] || launcher+=(--cpu)
+  # share the cores: more OpenMP threads than cores makes every run many times slower
+  threads=$(( $(nproc) / (JOBS * NPROC) )); launcher+=(--num_cpu_threads_per_process $(( threads > 0 ? threads : 1 )))
 fi
 [ "$NPROC" -gt 1 ] && launcher+=(--multi_gpu)
 
