@@ -171,7 +171,8 @@ def _delta(d: dict) -> str:
     if d["p"] is None:
         return f"{100 * d['diff']:+.2f}"
     sigma = abs(d["diff"]) / d["se"] if d["se"] else (math.inf if d["diff"] else 0.0)
-    return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, p={d['p']:.3f})"
+    p = "p<0.001" if d["p"] < 0.001 else f"p={d['p']:.3f}"
+    return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, {p})"
 
 
 def takeaway_table(summary: dict) -> str:
