@@ -17,9 +17,9 @@ REPEAT_WINDOW = 2.0  # seconds
 
 
 def ignore_stop_signals(_worker_id: int = 0) -> None:
-    """DataLoader worker_init_fn: the training process decides when to stop, so workers must not die first."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
+    """DataLoader worker_init_fn: the training process decides when to stop on SIGUSR1 (whose default action
+    would kill the worker). SIGTERM keeps its default: the DataLoader itself terminates workers with it."""
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
 
 
 class StopRequest:
