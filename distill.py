@@ -4,6 +4,7 @@
 
     accelerate launch distill.py --teacher-checkpoint runs/teacher --data-dir ~/data/imagewoof2-160 --image-size 128
     accelerate launch distill.py --teacher-checkpoint none ...          # student-only baseline, same recipe
+    accelerate launch distill.py --data-format packed --teacher-cache cache.pt ...  # replay cached teacher logits
     accelerate launch --config_file accelerate_config.yaml --num_processes 8 distill.py ...   # 8 GPUs, bf16
     sbatch launch/distill.sbatch                                         # Slurm
 
@@ -11,15 +12,15 @@ The teacher comes from a train_teacher.py output dir (its model_best.pt) or a mo
 normalization must match the dataset. Run with --help for every flag.
 """
 import argparse
-import warnings
 
 from kd.checkpoint import load_model_file
 from kd.config import add_distill_flags, common_parser
 from kd.data import DataBundle
 from kd.engine import Objective
-from kd.errors import UserError
+from kd.errors import UserError, warn
 from kd.models import ARCHS, build_model
 from kd.session import Session, user_errors
+from kd.teacher_cache import TeacherCache
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -46,17 +47,23 @@ def load_teacher(path: str, data: DataBundle):
         raise UserError(f"teacher {path} was trained with normalization mean={meta['mean']} std={meta['std']}, "
                         f"this dataset uses mean={list(data.mean)} std={list(data.std)}")
     if meta["image_size"] != data.image_size:
-        warnings.warn(f"teacher was trained at {meta['image_size']} px, distilling at {data.image_size} px")
+        warn(f"teacher was trained at {meta['image_size']} px, distilling at {data.image_size} px")
     return teacher, meta
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with user_errors():
-        baseline = args.teacher_checkpoint.lower() == "none"
+        baseline = args.teacher_checkpoint.lower() == "none" and not args.teacher_cache
         session = Session(args, job_type="student" if baseline else "distill")
         objective = Objective()
-        if not baseline:
+        if args.teacher_cache:  # no teacher runs: its logits for each view come from the cache
+            cache = TeacherCache.load(args.teacher_cache)
+            cache.check(session.data, args.image_size, args.teacher_checkpoint)
+            session.print(f"teacher: {cache.meta['teacher']['arch']} logits for {cache.num_views} views per image "
+                          f"from {args.teacher_cache}")
+            objective = Objective(None, args.alpha, args.temperature, args.kl_reduction, cache=cache)
+        elif not baseline:
             teacher, meta = load_teacher(args.teacher_checkpoint, session.data)
             session.print(f"teacher: {meta['arch']} from {args.teacher_checkpoint} "
                           f"(val top-1 {meta.get('val_acc1', float('nan')):.4f} at training time)")

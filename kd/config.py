@@ -21,10 +21,21 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--dataset-variant", default="auto", choices=("auto", *VARIANTS),
                    help="imagewoof/imagenette release by short side in px; auto picks the smallest that covers "
                    "--image-size / 0.875 (default: auto)")
+    g.add_argument("--skip-corrupt", action="store_true", help="skip images that cannot be decoded (warned once "
+                   "each) instead of stopping with the file's name")
     g.add_argument("--no-download", dest="download", action="store_false", help="never download datasets")
     g.add_argument("--image-size", type=int, help="training crop and eval size in px (default: 224; 32 for cifar and "
                    "synthetic)")
     g.add_argument("--workers", type=int, default=4, help="data-loading processes per training process (default: 4)")
+    g.add_argument("--data-format", default="folder", choices=("folder", "packed"), help="folder: decode JPEGs "
+                   "with torchvision transforms every epoch; packed: decode once into a memory-mapped uint8 pack "
+                   "(built on first use, see python -m kd.packed) and augment batched on the device (default: "
+                   "folder)")
+    g.add_argument("--pack-size", type=int, help="packed: side of the square train images in px; RandomResizedCrop "
+                   "samples inside it (default: the images' median short side, at most 3.5 x --image-size, at least "
+                   "--image-size / 0.875)")
+    g.add_argument("--packed-dir", help="packed: where packs are read or built (default: "
+                   "$KD_DATA_CACHE/packed/<data folder name>)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
     g.add_argument("--batch-size", type=int, default=64, help="images per process per step; the global batch is "
@@ -42,6 +53,11 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--clip-grad-norm", type=float, default=0.0, help="max gradient norm; 0 disables (default: 0)")
     g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast precision (default: from "
                    "`accelerate launch` / accelerate_config.yaml, else no)")
+    g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
+                   help="NHWC memory layout for the models and batches, what bf16 convolution kernels want "
+                   "(default: on)")
+    g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
+                   "student and teacher (default: on for CUDA, off on CPU where it does not pay off)")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (downloads "
                    "them once)")
     g = p.add_argument_group("run")
@@ -77,6 +93,8 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--teacher-checkpoint", default="runs/teacher", help="a train_teacher.py output dir (its best "
                    "model is used) or a model file; 'none' trains the student alone, the baseline "
                    "(default: runs/teacher)")
+    g.add_argument("--teacher-cache", help="replay teacher logits from this cache (python -m kd.teacher_cache "
+                   "build) instead of running the teacher; needs --data-format packed")
     g.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label loss; the soft (teacher) "
                    "loss gets 1 - alpha (default: 0.1)")
     g.add_argument("--temperature", type=float, default=7.0, help="softmax temperature T (default: 7)")
@@ -99,6 +117,10 @@ def validate(args: argparse.Namespace) -> None:
         (args.checkpoint_every >= 1, f"--checkpoint-every must be >= 1, got {args.checkpoint_every}"),
         (args.keep_checkpoints >= 1, f"--keep-checkpoints must be >= 1, got {args.keep_checkpoints}"),
         (args.log_every >= 1, f"--log-every must be >= 1, got {args.log_every}"),
+        (getattr(args, "pack_size", None) is None or args.pack_size >= 16,
+         f"--pack-size must be >= 16 px, got {getattr(args, 'pack_size', None)}"),
+        (not getattr(args, "teacher_cache", None) or args.data_format == "packed",
+         "--teacher-cache replays views of packed images: add --data-format packed"),
     ]
     if hasattr(args, "alpha"):
         checks += [

@@ -26,46 +26,57 @@ class Objective:
     alpha: float = 1.0
     temperature: float = 1.0
     kl_reduction: str = "batchmean"
+    cache: object = None  # a kd.teacher_cache.TeacherCache replacing the teacher: its logits come with the batch
+
+    @property
+    def distills(self) -> bool:
+        return self.teacher is not None or self.cache is not None
 
     def teacher_logits(self, accelerator: Accelerator, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), accelerator.autocast():
+        with torch.inference_mode(), accelerator.autocast():
             return self.teacher(images)
 
-    def __call__(self, accelerator: Accelerator, model: nn.Module, images, targets):
+    def eval_teacher_logits(self, accelerator: Accelerator, images: torch.Tensor, indices) -> torch.Tensor:
+        return self.cache.val_logits(indices) if self.cache is not None else self.teacher_logits(accelerator, images)
+
+    def __call__(self, accelerator: Accelerator, model: nn.Module, images, targets, teacher_logits=None):
         logits = model(images)
-        if self.teacher is None:
+        if not self.distills:
             ce = F.cross_entropy(logits.float(), targets)
             return logits, ce, {keys.TRAIN_LOSS_CE: ce}
-        ce, kd = kd_loss_terms(logits, self.teacher_logits(accelerator, images), targets, self.temperature,
-                               self.kl_reduction)
+        if teacher_logits is None:
+            teacher_logits = self.teacher_logits(accelerator, images)
+        ce, kd = kd_loss_terms(logits, teacher_logits, targets, self.temperature, self.kl_reduction)
         loss = self.alpha * ce + (1.0 - self.alpha) * kd
         return logits, loss, {keys.TRAIN_LOSS_CE: ce, keys.TRAIN_LOSS_KD: kd}
 
 
 @torch.no_grad()
 def evaluate(accelerator: Accelerator, model: nn.Module, loader, teacher: nn.Module | None = None,
-             objective: Objective | None = None) -> dict:
+             objective: Objective | None = None, transform=None) -> dict:
     """Loss, top-1, top-5 (and teacher agreement) over exactly the val set: gather_for_metrics drops the samples
-    that the distributed sampler repeats to even out the last batch."""
+    that the distributed sampler repeats to even out the last batch. `transform(images)` readies a raw batch."""
     model.eval()
+    compare = teacher is not None or (objective is not None and objective.cache is not None)
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct@1, correct@5, agreements
     count = 0
-    for images, targets, _ in loader:
+    for images, targets, indices in loader:
+        images = transform(images) if transform is not None else images
         logits = model(images)
         k = min(5, logits.shape[1])
         per_sample = torch.stack([
             F.cross_entropy(logits.float(), targets, reduction="none"),
             (logits.argmax(1) == targets).float(),
             (logits.topk(k, dim=1).indices == targets[:, None]).any(1).float(),
-            (logits.argmax(1) == objective.teacher_logits(accelerator, images).argmax(1)).float()
-            if teacher is not None else torch.zeros_like(targets, dtype=torch.float),
+            (logits.argmax(1) == objective.eval_teacher_logits(accelerator, images, indices).argmax(1)).float()
+            if compare else torch.zeros_like(targets, dtype=torch.float),
         ], dim=1)
         per_sample = accelerator.gather_for_metrics(per_sample)
         totals += per_sample.sum(0).double().cpu()
         count += per_sample.shape[0]
     metrics = {keys.VAL_LOSS: totals[0].item() / count, keys.VAL_ACC1: totals[1].item() / count,
                keys.VAL_ACC5: totals[2].item() / count}
-    if teacher is not None:
+    if compare:
         metrics[keys.VAL_AGREEMENT] = totals[3].item() / count
     return metrics
 
@@ -88,6 +99,8 @@ class Trainer:
     save_state: object = None  # callable(state) -> None
     checkpoint_every: int = 1
     stop: StopRequest = field(default_factory=StopRequest)
+    batch_transform: object = None  # callable(images, indices, epoch) -> (model input, cached teacher logits | None)
+    eval_transform: object = None  # callable(images) -> model input
     images_seen: int = 0
     train_seconds: float = 0.0
 
@@ -96,7 +109,7 @@ class Trainer:
         for epoch in range(self.state.epoch, self.epochs):
             self.train_one_epoch(epoch)
             val_metrics = self.evaluate()
-            self.state.epoch, self.state.step_in_epoch = epoch + 1, 0
+            self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
             is_best = val_metrics[keys.VAL_ACC1] > self.state.best_acc1
             if is_best:
                 self.state.best_acc1, self.state.best_epoch = val_metrics[keys.VAL_ACC1], epoch + 1
@@ -108,7 +121,8 @@ class Trainer:
         return val_metrics
 
     def evaluate(self) -> dict:
-        return evaluate(self.accelerator, self.model, self.val_loader, self.objective.teacher, self.objective)
+        return evaluate(self.accelerator, self.model, self.val_loader, self.objective.teacher, self.objective,
+                        self.eval_transform)
 
     def train_one_epoch(self, epoch: int) -> None:
         acc, state = self.accelerator, self.state
@@ -117,19 +131,12 @@ class Trainer:
         loader, first = self.train_loader, state.step_in_epoch
         if first:  # resuming mid-epoch: the sampler order is the same, skip the batches already trained on
             loader = acc.skip_first_batches(self.train_loader, first)
-        stop_check = 1 if acc.num_processes == 1 else min(10, self.log_every)
         window = _Window(acc.device)
-        epoch_loss = torch.zeros((), device=acc.device)
+        epoch_loss = torch.full((), state.epoch_loss_sum if first else 0.0, device=acc.device)
         bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", initial=first, total=len(self.train_loader),
                    disable=not acc.is_local_main_process, leave=False)
-        for batch_index, (images, targets, _) in enumerate(bar, start=first):
-            with acc.accumulate(self.model):
-                _, loss, parts = self.objective(acc, self.model, images, targets)
-                acc.backward(loss)
-                if acc.sync_gradients and self.clip_grad_norm > 0:
-                    acc.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
-                self.optimizer.step()
-                self.optimizer.zero_grad(set_to_none=True)
+        for batch_index, (images, targets, indices) in enumerate(bar, start=first):
+            loss, parts = self.train_step(images, targets, indices, epoch)
             window.add(loss, parts, images.shape[0], state.global_step)
             epoch_loss += loss.detach()
             if not acc.sync_gradients:
@@ -138,14 +145,32 @@ class Trainer:
             state.global_step += 1
             if state.global_step % self.log_every == 0:
                 self._log_window(window, epoch)
-            if state.global_step % stop_check == 0 and self.stop.agreed(acc):
-                state.step_in_epoch = batch_index + 1
-                self.save_state(state)
-                raise Stopped()
+                # Stop only where a log window closes: one agreement per window, and a resumed run logs the
+                # same records as an uninterrupted one.
+                if self.stop.agreed(acc):
+                    state.step_in_epoch = batch_index + 1
+                    state.epoch_loss_sum = acc.reduce(epoch_loss.clone(), reduction="mean").item()
+                    self.save_state(state)
+                    raise Stopped()
         if window.count:
             self._log_window(window, epoch)
-        mean_loss = acc.reduce(epoch_loss, reduction="mean").item() / max(1, len(self.train_loader) - first)
+        mean_loss = acc.reduce(epoch_loss, reduction="mean").item() / len(self.train_loader)
         self.tracker.log({keys.TRAIN_EPOCH_LOSS: mean_loss, keys.EPOCH: epoch + 1}, step=state.global_step)
+
+    def train_step(self, images, targets, indices, epoch: int) -> tuple[torch.Tensor, dict]:
+        """One batch: forward, backward and (at the end of an accumulation) optimizer step. No host sync."""
+        acc = self.accelerator
+        with acc.accumulate(self.model):
+            teacher_logits = None
+            if self.batch_transform is not None:
+                images, teacher_logits = self.batch_transform(images, indices, epoch)
+            _, loss, parts = self.objective(acc, self.model, images, targets, teacher_logits)
+            acc.backward(loss)
+            if acc.sync_gradients and self.clip_grad_norm > 0:
+                acc.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return loss, parts
 
     def _log_window(self, window: "_Window", epoch: int) -> None:
         acc = self.accelerator

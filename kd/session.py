@@ -9,6 +9,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -22,14 +23,18 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from kd import tracking as keys
+from kd.augment import DeviceAugment
 from kd.checkpoint import (BEST_MODEL, CHECKPOINTS, FINAL_MODEL, TrainState, checkpoint_dirs, save_model_file,
                            save_training_state)
+from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memory_format
 from kd.config import validate
 from kd.data import DataBundle, build_datasets, default_image_size
 from kd.engine import Objective, Trainer, evaluate
 from kd.errors import EXIT_USER_ERROR, UserError
 from kd.optim import build_optimizer, warmup_cosine
-from kd.signals import EXIT_STOPPED, StopRequest, Stopped
+from kd.packed import packed_bundle
+from kd.signals import EXIT_STOPPED, StopRequest, Stopped, ignore_stop_signals
+from kd.teacher_cache import CachedViews
 
 RUN_FILE, CONFIG_FILE = "run.json", "config.json"
 RUN_OUTPUTS = (CHECKPOINTS, BEST_MODEL, FINAL_MODEL, keys.METRICS_FILE, RUN_FILE, CONFIG_FILE, "wandb")
@@ -42,7 +47,9 @@ def user_errors():
         yield
     except UserError as exc:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            # Raised in a DataLoader worker, the message carries the worker's traceback: keep its last line.
+            message = str(exc).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
+            print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except Stopped:
         sys.exit(EXIT_STOPPED)
@@ -83,7 +90,8 @@ class Session:
                 gradient_accumulation_steps=args.grad_accum_steps,
                 log_with="wandb" if self.report_to == "wandb" else None,
                 project_dir=str(self.output_dir),
-                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                          non_blocking=True),
                 step_scheduler_with_optimizer=False,
                 kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
             )
@@ -92,16 +100,26 @@ class Session:
         set_seed(args.seed, device_specific=True)  # different augmentations per process; DDP syncs the weights
         self._claim_output_dir()
         args.image_size = args.image_size or default_image_size(args.dataset)
-        with self.accelerator.main_process_first():  # one process downloads, the others then find the files
-            self.data: DataBundle = build_datasets(args.dataset, args.data_dir, args.image_size,
-                                                   variant=args.dataset_variant, download=args.download,
-                                                   seed=args.seed)
+        self.augment = None  # packed data: the batched on-device augmentation
+        with self.accelerator.main_process_first():  # one process downloads or packs, the others find the files
+            if args.data_format == "packed":
+                self.data: DataBundle = packed_bundle(
+                    args.dataset, args.data_dir, args.image_size, pack_size=args.pack_size, packed_dir=args.packed_dir,
+                    variant=args.dataset_variant, download=args.download, skip_corrupt=args.skip_corrupt,
+                    log=self.print)
+                args.pack_size = self.data.train.spec.crop  # the default resolved, for config.json
+                self.augment = DeviceAugment(args.image_size, args.pack_size, self.data.mean, self.data.std,
+                                             args.seed, args.channels_last)
+            else:
+                self.data = build_datasets(args.dataset, args.data_dir, args.image_size, variant=args.dataset_variant,
+                                           download=args.download, seed=args.seed, skip_corrupt=args.skip_corrupt)
         self.print(f"{job_type}: {args.dataset} ({len(self.data.train)} train / {len(self.data.val)} val images, "
                    f"{self.data.num_classes} classes) on {self.accelerator.num_processes} x "
                    f"{self.accelerator.device.type}, precision {self.accelerator.mixed_precision}")
 
     def print(self, *a) -> None:
-        self.accelerator.print(*a, flush=True)
+        if self.accelerator.is_main_process:  # once per job (accelerator.print prints once per node)
+            print(*a, flush=True)
 
     # ---------------------------------------------------------------- output dir
     def _claim_output_dir(self) -> None:
@@ -115,8 +133,12 @@ class Session:
         if previous and args.resume and not args.overwrite and previous["job_type"] != self.job_type:
             raise UserError(f"{out} holds a {previous['job_type']} run, not a {self.job_type} run: pass another "
                             f"--output-dir")
-        if out.exists() and not os.access(out, os.W_OK) or not out.exists() and not _creatable(out):
-            raise UserError(f"--output-dir {out} is not writable: pass a folder you can write to")
+        try:  # a real write probe: os.access is always true for root, and says nothing of read-only mounts
+            out.mkdir(parents=True, exist_ok=True)
+            tempfile.TemporaryFile(dir=out).close()
+        except OSError as exc:
+            raise UserError(f"--output-dir {out} is not writable ({exc.strerror}): pass a folder you can write "
+                            f"to") from None
         acc.wait_for_everyone()
         keep = previous is not None and not args.overwrite
         self.run_id = previous["run_id"] if keep else keys.new_run_id()
@@ -125,7 +147,6 @@ class Session:
                 for name in RUN_OUTPUTS:
                     path = out / name
                     shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            out.mkdir(parents=True, exist_ok=True)
             if not keep:
                 run_file.write_text(json.dumps({"run_id": self.run_id, "job_type": self.job_type}) + "\n")
         acc.wait_for_everyone()
@@ -135,7 +156,8 @@ class Session:
         args = self.args
         # No persistent workers: each epoch reseeds its workers from the checkpointed RNG, so resume is exact.
         return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle,
-                          num_workers=args.workers, pin_memory=self.accelerator.device.type == "cuda")
+                          num_workers=args.workers, pin_memory=self.accelerator.device.type == "cuda",
+                          worker_init_fn=ignore_stop_signals)
 
     def _check_enough_data(self) -> None:
         global_batch = self.args.batch_size * self.accelerator.num_processes
@@ -158,12 +180,20 @@ class Session:
         objective = objective or Objective()
         self._check_enough_data()
         train_loader, val_loader = self._loader(self.data.train, True), self._loader(self.data.val, False)
+        model = model.to(memory_format=memory_format(args.channels_last))
         optimizer = build_optimizer(model, args.opt, args.lr, args.weight_decay, args.momentum, args.nesterov)
         model, optimizer, train_loader, val_loader = acc.prepare(model, optimizer, train_loader, val_loader)
+        compile_models = compile_enabled(args.compile, acc.device)
+        # Compiled after DDP, as accelerate does; `model` (uncompiled) stays the one saved and checkpointed.
+        train_model = torch.compile(model) if compile_models else model
         steps_per_epoch = -(-len(train_loader) // args.grad_accum_steps)
         scheduler = warmup_cosine(optimizer, round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
         if objective.teacher is not None:
-            objective.teacher = objective.teacher.to(acc.device).eval().requires_grad_(False)
+            objective.teacher = inference_teacher(objective.teacher, acc.device, autocast_dtype(acc.mixed_precision),
+                                                  args.channels_last, compile_models)
+        if objective.cache is not None:
+            objective.cache = objective.cache.to(acc.device)
+        batch_transform, eval_transform = self._batch_transforms(objective)
         state = TrainState()
         acc.register_for_checkpointing(state, scheduler)
         self._resume(state)
@@ -175,8 +205,12 @@ class Session:
         tracker.start(self.report_to, config, project=args.wandb_project, run_id=self.run_id, job_type=self.job_type,
                       name=args.run_name, entity=args.wandb_entity, group=args.wandb_group, tags=args.wandb_tags,
                       resume_step=state.global_step)
-        if objective.teacher is not None:
-            teacher_acc1 = evaluate(acc, objective.teacher, val_loader)[keys.VAL_ACC1]
+        if objective.distills:
+            if objective.cache is not None:  # measured when the cache was built, on the same packed val images
+                teacher_acc1 = objective.cache.meta["teacher"]["val_acc1"]
+            else:
+                with acc.autocast():  # the teacher is not prepared, so its forward is not wrapped in autocast
+                    teacher_acc1 = evaluate(acc, objective.teacher, val_loader, transform=eval_transform)[keys.VAL_ACC1]
             self.print(f"teacher val top-1: {teacher_acc1:.4f}")
             if state.global_step == 0:
                 tracker.log({keys.TEACHER_VAL_ACC1: teacher_acc1}, step=0)
@@ -193,22 +227,35 @@ class Session:
                 self._save_model(model, BEST_MODEL, {**meta, "epoch": trainer.state.epoch,
                                                      "val_acc1": val_metrics[keys.VAL_ACC1]})
 
-        trainer = Trainer(acc, model, objective, optimizer, scheduler, train_loader, val_loader, tracker, state,
+        trainer = Trainer(acc, train_model, objective, optimizer, scheduler, train_loader, val_loader, tracker, state,
                           epochs=args.epochs, log_every=args.log_every, clip_grad_norm=args.clip_grad_norm,
                           on_epoch_end=on_epoch_end, checkpoint_every=args.checkpoint_every, stop=self.stop,
-                          save_state=lambda s: save_training_state(acc, self.output_dir, s, args.keep_checkpoints))
+                          save_state=lambda s: save_training_state(acc, self.output_dir, s, args.keep_checkpoints),
+                          batch_transform=batch_transform, eval_transform=eval_transform)
         try:
             final = trainer.fit()
         except Stopped:
             self.print(f"stopped by signal at step {state.global_step}; state saved in {self.output_dir / CHECKPOINTS}"
                        f": run again with --resume to continue")
             tracker.finish()
+            acc.wait_for_everyone()  # ranks leaving early would make torchrun kill rank 0 while it closes W&B
             raise
         if not final:  # resumed a finished run: nothing left to train
             final = trainer.evaluate()
         self._save_model(model, FINAL_MODEL, {**meta, "epoch": state.epoch, "val_acc1": final[keys.VAL_ACC1]})
         tracker.finish()
         return self._summarize(state, final, trainer)
+
+    def _batch_transforms(self, objective: Objective) -> tuple:
+        """(train batch_transform, eval transform) for the Trainer: on-device augmentation of packed images (with
+        the cached views when distilling from a cache), or just the memory layout for ready-made folder batches."""
+        if self.augment is None:
+            layout = memory_format(self.args.channels_last)
+            return (lambda images, indices, epoch: (images.contiguous(memory_format=layout), None),
+                    lambda images: images.contiguous(memory_format=layout))
+        if objective.cache is not None:
+            return CachedViews(objective.cache, self.augment), self.augment.eval_batch
+        return self.augment.train_batch, self.augment.eval_batch
 
     def _resume(self, state: TrainState) -> None:
         args, acc = self.args, self.accelerator
@@ -248,10 +295,3 @@ class Session:
                    f"final {final[keys.VAL_ACC1]:.4f}, {img_per_s:.0f} img/s training; best model: "
                    f"{self.output_dir / BEST_MODEL}")
         return summary
-
-
-def _creatable(path: Path) -> bool:
-    parent = path
-    while not parent.exists():
-        parent = parent.parent
-    return os.access(parent, os.W_OK)

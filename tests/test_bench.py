@@ -1,0 +1,57 @@
+"""python -m kd.bench prints one valid JSON line per measurement, on synthetic data and on real JPEGs."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+
+from conftest import REPO, free_port, script_env
+
+SMALL = ("--teacher", "resnet8x4", "--student", "resnet8", "--image-size", "32", "--batch-size", "4", "--steps", "2",
+         "--warmup", "1", "--views", "2", "--threads", "1")
+MODE_FIELDS = {"mode", "img_per_s", "step_ms", "device", "teacher", "student", "image_size", "batch_size",
+               "precision", "channels_last", "compile", "data"}
+
+
+def bench(*args) -> list[dict]:
+    proc = subprocess.run([sys.executable, "-m", "kd.bench", *map(str, args)], cwd=REPO, env=script_env(),
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return [json.loads(line) for line in proc.stdout.splitlines()]
+
+
+def test_synthetic_prints_a_line_per_mode_and_a_summary():
+    lines = bench("--synthetic", *SMALL)
+    modes = [line["mode"] for line in lines]
+    assert modes == ["reference", "student", "distill", "cache-build", "distill-cached", "teacher-train", "summary"]
+    for line in lines:
+        if line["mode"] not in ("summary", "cache-build"):
+            assert MODE_FIELDS <= set(line) and line["img_per_s"] > 0 and line["data"] == "synthetic"
+    assert lines[0]["precision"] == "fp32" and lines[1]["precision"] == "bf16" and lines[1]["channels_last"]
+    assert set(lines[-1]["speedup_vs_reference"]) == {"reference", "student", "distill", "distill-cached",
+                                                      "teacher-train"}
+
+
+@pytest.mark.slow
+def test_real_jpegs_end_to_end(jpeg_folder, tmp_path):
+    lines = bench("--data-dir", jpeg_folder, "--packed-dir", tmp_path, "--workers", "0", "--mode", "reference",
+                  "distill-cached", "--profile", tmp_path / "profile", *SMALL)
+    assert [line["mode"] for line in lines] == ["reference", "cache-build", "distill-cached", "summary"]
+    assert lines[0]["data"].startswith("folder") and lines[2]["data"].startswith("packed")
+    assert "Self CPU" in (tmp_path / "profile" / "distill-cached.txt").read_text()
+
+
+@pytest.mark.slow
+def test_ddp_overhead_on_two_processes():
+    """Under accelerate launch with 2 CPU processes (gloo): DDP's gradient sync cost and a bare all-reduce."""
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+           "--num_machines", "1", "--dynamo_backend", "no", "--mixed_precision", "no", "--main_process_port",
+           str(free_port()), "-m", "kd.bench", "--synthetic", "--mode", "ddp-overhead", "allreduce", *SMALL]
+    proc = subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [line["mode"] for line in lines] == ["ddp-overhead", "allreduce", "summary"]  # printed by rank 0 only
+    assert lines[0]["processes"] == 2 and lines[0]["step_ms_synced"] > 0 and lines[0]["step_ms_local"] > 0
+    assert lines[1]["allreduce_ms"] > 0 and lines[1]["grad_mbytes"] > 0
