@@ -68,7 +68,8 @@ def main(argv=None) -> dict:
             session.print(f"teacher: {meta['arch']} from {args.teacher_checkpoint} "
                           f"(val top-1 {meta.get('val_acc1', float('nan')):.4f} at training time)")
             objective = Objective(teacher, args.alpha, args.temperature, args.kl_reduction)
-        student = build_model(args.student_arch, session.data.num_classes, pretrained=args.pretrained)
+        student = build_model(args.student_arch, session.data.num_classes, pretrained=args.pretrained,
+                              head=args.head, freeze_backbone=args.freeze_backbone)
         return session.fit(student, arch=args.student_arch, objective=objective)
 
 

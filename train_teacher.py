@@ -28,7 +28,8 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with user_errors():
         session = Session(args, job_type="teacher")
-        model = build_model(args.arch, session.data.num_classes, pretrained=args.pretrained)
+        model = build_model(args.arch, session.data.num_classes, pretrained=args.pretrained, head=args.head,
+                            freeze_backbone=args.freeze_backbone)
         return session.fit(model, arch=args.arch)
 
 

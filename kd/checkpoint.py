@@ -119,7 +119,7 @@ def load_model_file(path: str | Path) -> tuple[torch.nn.Module, dict]:
     meta = blob["meta"]
     if meta.get("arch") not in ARCHS:
         raise UserError(f"{path}: unknown architecture {meta.get('arch')!r}; this kd knows {', '.join(ARCHS)}")
-    model = build_model(meta["arch"], meta["num_classes"])
+    model = build_model(meta["arch"], meta["num_classes"], head=meta.get("head", "linear"))
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:

@@ -60,6 +60,11 @@ def common_parser() -> argparse.ArgumentParser:
                    "student and teacher (default: on for CUDA, off on CPU where it does not pay off)")
     g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (downloads "
                    "them once)")
+    g.add_argument("--freeze-backbone", action="store_true", help="train only the final layer / head (with "
+                   "--pretrained: the reference experiment's setting)")
+    g.add_argument("--head", default="linear", choices=("linear", "mlp-teacher", "mlp-student"), help="final "
+                   "layer: linear, or the reference experiment's MLP heads (mlp-teacher: 2x2048 with dropout 0.95; "
+                   "mlp-student: 2x128) (default: linear)")
     g = p.add_argument_group("run")
     g.add_argument("--output-dir", help="where checkpoints, model files and metrics.jsonl go")
     g.add_argument("--seed", type=int, default=0, help="random seed; on CPU the same seed gives the same metrics "

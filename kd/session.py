@@ -216,7 +216,7 @@ class Session:
                 tracker.log({keys.TEACHER_VAL_ACC1: teacher_acc1}, step=0)
             tracker.summary({keys.TEACHER_VAL_ACC1: teacher_acc1})
 
-        meta = {"arch": arch, "num_classes": self.data.num_classes, "class_names": self.data.class_names,
+        meta = {"arch": arch, "head": args.head, "num_classes": self.data.num_classes, "class_names": self.data.class_names,
                 "image_size": self.data.image_size, "mean": list(self.data.mean), "std": list(self.data.std),
                 "dataset": args.dataset, "job_type": self.job_type, "config": config}
 

@@ -95,3 +95,24 @@ def test_model_file_round_trip(tmp_path):
     with torch.no_grad():
         assert torch.equal(loaded(x), model.eval()(x))
     assert not list(tmp_path.glob(".*.tmp"))  # the atomic write left no temporary file
+
+
+def test_reference_heads_on_a_frozen_backbone(tmp_path):
+    """The reference experiment's setting (--pretrained --freeze-backbone --head mlp-teacher/mlp-student), built
+    here without weights: only the head trains, and the model file rebuilds the same head."""
+    teacher = build_model("resnet101", 10, head="mlp-teacher", freeze_backbone=True)
+    layers = [type(m).__name__ for m in teacher.fc]
+    assert layers == ["Dropout", "Linear", "ReLU", "Dropout", "Linear", "ReLU", "Linear"]
+    assert teacher.fc[0].p == 0.95 and teacher.fc[1].in_features == 2048 and teacher.fc[4].out_features == 2048
+    trainable = {n for n, p in teacher.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("fc.") for n in trainable)
+    student = build_model("resnet18", 10, head="mlp-student", freeze_backbone=True)
+    assert [m.out_features for m in student.fc if isinstance(m, torch.nn.Linear)] == [128, 128, 10]
+    groups = param_groups(student, 5e-4)
+    assert sum(len(g["params"]) for g in groups) == 6  # three Linear layers: weights and biases only
+    meta = {"arch": "resnet18", "head": "mlp-student", "num_classes": 10}
+    save_model_file(tmp_path / "s.pt", student.state_dict(), meta)
+    loaded, _ = load_model_file(tmp_path / "s.pt")
+    assert isinstance(loaded.fc, torch.nn.Sequential) and len(loaded.fc) == 5
+    with pytest.raises(UserError, match="unknown head"):
+        build_model("resnet18", 10, head="mlp")
