@@ -34,7 +34,8 @@ def kd_loss_terms(
     ce = F.cross_entropy(student_logits, targets)
     log_p_student = F.log_softmax(student_logits / temperature, dim=1)
     log_p_teacher = F.log_softmax(teacher_logits / temperature, dim=1)
-    kl = F.kl_div(log_p_student, log_p_teacher, reduction=kl_reduction, log_target=True)
+    kl = F.kl_div(log_p_student, log_p_teacher, reduction="sum", log_target=True)
+    kl = kl / (student_logits.shape[0] if kl_reduction == "batchmean" else student_logits.numel())
     return ce, kl * temperature**2
 
 
