@@ -79,8 +79,8 @@ def list_split(split_dir: Path) -> tuple[list[tuple[str, int]], list[str], str]:
     return samples, classes, digest.hexdigest()
 
 
-def read_meta(packed_dir: Path, spec: PackSpec, path: Path | None = None) -> dict | None:
-    path = path or Path(packed_dir) / f"{spec.stem}.json"
+def read_meta(packed_dir: Path, spec: PackSpec) -> dict | None:
+    path = Path(packed_dir) / f"{spec.stem}.json"
     return json.loads(path.read_text()) if path.is_file() else None
 
 
@@ -114,10 +114,10 @@ def _decode_jpeg(job: tuple[int, bytes]) -> tuple[int, str | None]:
 def _write_rows(out_path: Path, count: int, side: int, worker, jobs, workers: int) -> dict[int, str]:
     """Fills a fresh N x side x side x 3 .npy from `jobs`, in a pool of `workers` processes when that pays off;
     returns {index: error}."""
+    global _worker_out
     array = np.lib.format.open_memmap(out_path, mode="w+", dtype=np.uint8, shape=(count, side, side, 3))
     del array  # the header is written; workers fill the rows through their own r+ mappings
     if workers <= 1 or count < 512:
-        global _worker_out
         _open_output(str(out_path))
         errors = {index: error for index, error in map(worker, jobs) if error}
         _worker_out.flush()
@@ -245,7 +245,7 @@ def _carried_packs(packed_dir: str | None, image_size: int, pack_size: int | Non
     if not packed_dir:
         return None
     packed = Path(packed_dir)
-    sizes = [pack_size] if pack_size else [read_meta(packed, PackSpec("train", 0, 0), path)["crop"]
+    sizes = [pack_size] if pack_size else [json.loads(path.read_text())["crop"]
                                            for path in sorted(packed.glob("train-r*-c*.json"))]
     specs = pack_specs(image_size, sizes[0]) if len(sizes) == 1 else None
     if specs is None or not all(read_meta(packed, spec) for spec in specs.values()):
