@@ -24,7 +24,7 @@ GROUP=${GROUP:-study-$PRESET}
 case "$PRESET" in
   gpu) common=(--image-size 128 --data-format packed --mixed-precision bf16 --batch-size 128 --lr 0.2 --epochs 20
                --workers 8); teacher=resnet101; student=resnet18 ;;
-  cpu) common=(--image-size 32 --pack-size 40 --data-format packed --batch-size 64 --lr 0.05 --epochs 20
+  cpu) common=(--image-size 32 --data-format packed --batch-size 64 --lr 0.05 --epochs 20
                --workers 0); teacher=resnet20; student=resnet8 ;;
   *) echo "study.sh: unknown PRESET=$PRESET (use gpu or cpu)" >&2; exit 2 ;;
 esac
