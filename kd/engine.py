@@ -52,12 +52,12 @@ class Objective:
 
 
 @torch.no_grad()
-def evaluate(accelerator: Accelerator, model: nn.Module, loader, teacher: nn.Module | None = None,
-             objective: Objective | None = None, transform=None) -> dict:
+def evaluate(accelerator: Accelerator, model: nn.Module, loader, objective: Objective | None = None,
+             transform=None) -> dict:
     """Loss, top-1, top-5 (and teacher agreement) over exactly the val set: gather_for_metrics drops the samples
     that the distributed sampler repeats to even out the last batch. `transform(images)` readies a raw batch."""
     model.eval()
-    compare = teacher is not None or (objective is not None and objective.cache is not None)
+    compare = objective is not None and objective.distills  # agreement with the teacher (live or cached)
     totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct@1, correct@5, agreements
     count = 0
     for images, targets, indices in loader:
@@ -121,8 +121,7 @@ class Trainer:
         return val_metrics
 
     def evaluate(self) -> dict:
-        return evaluate(self.accelerator, self.model, self.val_loader, self.objective.teacher, self.objective,
-                        self.eval_transform)
+        return evaluate(self.accelerator, self.model, self.val_loader, self.objective, self.eval_transform)
 
     def train_one_epoch(self, epoch: int) -> None:
         acc, state = self.accelerator, self.state
