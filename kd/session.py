@@ -31,7 +31,7 @@ from kd.config import validate
 from kd.data import DataBundle, build_datasets, default_image_size
 from kd.engine import Objective, Trainer, evaluate
 from kd.errors import EXIT_USER_ERROR, UserError
-from kd.optim import build_optimizer, warmup_cosine
+from kd.optim import build_optimizer, is_fused, warmup_cosine
 from kd.packed import packed_bundle
 from kd.signals import EXIT_STOPPED, StopRequest, Stopped, ignore_stop_signals
 from kd.teacher_cache import CachedViews
@@ -181,7 +181,8 @@ class Session:
         self._check_enough_data()
         train_loader, val_loader = self._loader(self.data.train, True), self._loader(self.data.val, False)
         model = model.to(memory_format=memory_format(args.channels_last))
-        optimizer = build_optimizer(model, args.opt, args.lr, args.weight_decay, args.momentum, args.nesterov)
+        optimizer = build_optimizer(model, args.opt, args.lr, args.weight_decay, args.momentum, args.nesterov,
+                                    acc.device)
         model, optimizer, train_loader, val_loader = acc.prepare(model, optimizer, train_loader, val_loader)
         compile_models = compile_enabled(args.compile, acc.device)
         # Compiled after DDP, as accelerate does; `model` (uncompiled) stays the one saved and checkpointed.
@@ -198,7 +199,8 @@ class Session:
         acc.register_for_checkpointing(state, scheduler)
         self._resume(state)
 
-        config = json.loads(json.dumps(self.resolved_config(), default=str))  # plain types: safe to unpickle
+        config = {**self.resolved_config(), "fused_optimizer": is_fused(optimizer)}
+        config = json.loads(json.dumps(config, default=str))  # plain types: safe to unpickle
         if acc.is_main_process:
             (self.output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tracker = keys.Tracker(acc, self.output_dir)
