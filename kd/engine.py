@@ -58,8 +58,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, objective: Obje
     that the distributed sampler repeats to even out the last batch. `transform(images)` readies a raw batch."""
     model.eval()
     compare = objective is not None and objective.distills  # agreement with the teacher (live or cached)
-    totals = torch.zeros(4, dtype=torch.float64)  # loss sum, correct@1, correct@5, agreements
-    count = 0
+    sums, count = [], 0  # per batch, on the device: loss sum, correct@1, correct@5, agreements
     for images, targets, indices in loader:
         images = transform(images) if transform is not None else images
         logits = model(images)
@@ -72,8 +71,9 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, objective: Obje
             if compare else torch.zeros_like(targets, dtype=torch.float),
         ], dim=1)
         per_sample = accelerator.gather_for_metrics(per_sample)
-        totals += per_sample.sum(0).double().cpu()
+        sums.append(per_sample.sum(0))
         count += per_sample.shape[0]
+    totals = torch.stack(sums).cpu().double().sum(0)  # the one host sync of the evaluation
     metrics = {keys.VAL_LOSS: totals[0].item() / count, keys.VAL_ACC1: totals[1].item() / count,
                keys.VAL_ACC5: totals[2].item() / count}
     if compare:
@@ -205,8 +205,8 @@ class _Window:
             value = value.detach().float()
             self.sums[key] = self.sums[key] + value if key in self.sums else value
         finite = torch.isfinite(loss.detach())
-        self.bad_step = torch.where((self.bad_step < 0) & ~finite, torch.tensor(step, device=self.device),
-                                    self.bad_step)
+        # `step` as a Python scalar: a tensor made from it would be a blocking host-to-device copy every step.
+        self.bad_step = torch.where((self.bad_step < 0) & ~finite, step, self.bad_step)
         self.count += 1
         self.images += batch
 

@@ -60,29 +60,32 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def script_env(**extra) -> dict:
+def script_env(gpu: bool = False, **extra) -> dict:
+    """The scripts' environment: W&B offline, CPU processes (one GPU with gpu=True), a test-only data cache."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("WANDB_", "ACCELERATE_"))}
-    env.update(WANDB_MODE="offline", WANDB_SILENT="true", ACCELERATE_USE_CPU="true", OMP_NUM_THREADS="1",
-               PYTHONPATH=str(REPO), KD_DATA_CACHE=str(Path(os.environ.get("TMPDIR", "/tmp")) / "kd-test-cache"))
+    env.update(WANDB_MODE="offline", WANDB_SILENT="true", OMP_NUM_THREADS="1", PYTHONPATH=str(REPO),
+               KD_DATA_CACHE=str(Path(os.environ.get("TMPDIR", "/tmp")) / "kd-test-cache"))
+    if not gpu:
+        env["ACCELERATE_USE_CPU"] = "true"
     env.update(extra)
     return env
 
 
-def launch_cmd(script: str, nproc: int = 1, mixed_precision: str = "no") -> list[str]:
+def launch_cmd(script: str, nproc: int = 1, mixed_precision: str = "no", gpu: bool = False) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_machines", "1", "--dynamo_backend", "no",
            "--mixed_precision", mixed_precision, "--num_processes", str(nproc)]
     if nproc > 1:
         cmd += ["--multi_gpu", "--main_process_port", str(free_port())]
-    else:
+    elif not gpu:
         cmd += ["--cpu"]
     return cmd + [str(REPO / script)]
 
 
 def run_script(script: str, *args, nproc: int = 1, mixed_precision: str = "no", check: bool = True,
-               timeout: int = 600, env: dict | None = None) -> subprocess.CompletedProcess:
-    """Runs a repo script through `accelerate launch`, as a user would."""
-    cmd = launch_cmd(script, nproc, mixed_precision) + [str(a) for a in args]
-    proc = subprocess.run(cmd, cwd=REPO, env=env or script_env(), capture_output=True, text=True, timeout=timeout)
+               timeout: int = 600, env: dict | None = None, gpu: bool = False) -> subprocess.CompletedProcess:
+    """Runs a repo script through `accelerate launch`, as a user would (on CPU processes, or one GPU)."""
+    cmd = launch_cmd(script, nproc, mixed_precision, gpu) + [str(a) for a in args]
+    proc = subprocess.run(cmd, cwd=REPO, env=env or script_env(gpu), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n"
                              f"--- stderr\n{proc.stderr[-6000:]}")
