@@ -290,6 +290,19 @@ def packed_bundle(dataset: str, data_dir: str | None, image_size: int, **pack_op
 
 
 # ---------------------------------------------------------------- transport: JPEG-compressed packs in one file
+def check_writable_file(out: Path) -> None:
+    """Creates the folder of `out`; one clear error if `out` cannot be written there."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        probe = out.with_name(f".{out.name}.probe")
+        probe.touch()
+        probe.unlink()
+    except OSError as exc:
+        raise UserError(f"cannot write --out {out} ({exc.strerror}): pass a path in a writable folder") from None
+    if out.is_dir():
+        raise UserError(f"--out {out} is a folder: pass a file name such as {out / 'packs.npz'}")
+
+
 def export_packs(packs: dict[str, PackedDataset], out: Path, quality: int, log=print) -> None:
     """Writes every pack as JPEGs at `quality` into one .npz: the small file to carry to another machine."""
     arrays = {}
@@ -303,7 +316,10 @@ def export_packs(packs: dict[str, PackedDataset], out: Path, quality: int, log=p
         arrays[f"{split}.offsets"] = np.cumsum([0] + [len(b) for b in blobs], dtype=np.int64)
         meta = {**pack.meta, "transport_quality": quality}
         arrays[f"{split}.meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
-    np.savez(out, **arrays)
+    partial = out.with_name(f".{out.name}.partial")  # a killed export leaves no truncated file under `out`
+    with open(partial, "wb") as f:
+        np.savez(f, **arrays)
+    os.replace(partial, out)
     log(f"exported {', '.join(f'{len(p)} {s}' for s, p in packs.items())} images at JPEG quality {quality}: "
         f"{out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
 
@@ -363,11 +379,13 @@ def main(argv=None) -> None:
             import_packs(Path(args.archive), args.packed_dir and Path(args.packed_dir), args.workers,
                          args.folder and Path(args.folder))
             return
+        if args.command == "export":
+            check_writable_file(Path(args.out).expanduser())  # before the decoding, not after
         packs = ensure_packs(args.image_size, args.pack_size, dataset=args.dataset,
                              data_dir=args.data_dir, packed_dir=args.packed_dir, skip_corrupt=args.skip_corrupt,
                              workers=args.workers)
         if args.command == "export":
-            export_packs(packs, Path(args.out), args.quality)
+            export_packs(packs, Path(args.out).expanduser(), args.quality)
         else:
             for pack in packs.values():
                 print(f"{pack.path}: {len(pack)} images, {pack.path.stat().st_size / 2**20:.0f} MiB")

@@ -4,6 +4,8 @@ from __future__ import annotations
 import io
 import json
 import math
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -12,7 +14,7 @@ import torchvision.transforms.v2.functional as TF
 from PIL import Image
 from torchvision import datasets, transforms as T
 
-from conftest import TINY, make_jpeg_folder, run_script
+from conftest import REPO, TINY, make_jpeg_folder, run_script, script_env
 from kd.augment import DeviceAugment, hash_uniform, render_views, sample_views, stream_key
 from kd.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from kd.errors import UserError
@@ -178,3 +180,20 @@ def test_packed_training_resumes_exactly(jpeg_folder, tmp_path):
     config = json.loads((tmp_path / "straight" / "config.json").read_text())
     assert config["data_format"] == "packed" and config["channels_last"] is True
     assert math.isfinite(straight[-1]["val/loss"])
+
+
+def test_export_cli_creates_the_folder_and_refuses_an_unwritable_out(jpeg_folder, tmp_path):
+    def export(out):
+        cmd = [sys.executable, "-m", "kd.packed", "export", "--data-dir", str(jpeg_folder), "--image-size", "32",
+               "--packed-dir", str(tmp_path / "packs"), "--out", str(out)]
+        return subprocess.run(cmd, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+
+    ok = export(tmp_path / "new" / "folder" / "d.npz")
+    assert ok.returncode == 0, ok.stderr
+    assert (tmp_path / "new" / "folder" / "d.npz").is_file() and not list((tmp_path / "new" / "folder").glob(".*"))
+    (tmp_path / "a_file").write_text("")
+    bad = export(tmp_path / "a_file" / "d.npz")
+    lines = bad.stderr.strip().splitlines()
+    assert bad.returncode == 2 and len(lines) == 1, bad.stderr
+    assert lines[0].startswith(f"error: cannot write --out {tmp_path / 'a_file' / 'd.npz'} (")
+    assert lines[0].endswith("): pass a path in a writable folder")
