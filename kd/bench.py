@@ -15,6 +15,8 @@ Modes (models are randomly initialised: speed does not depend on the weights):
   teacher-train   kd's step training the teacher
   allreduce       under `accelerate launch` with several processes: one all-reduce of the student's gradients
   ddp-overhead    the same: student steps alternating with and without DDP's gradient all-reduce
+  optimizer       one SGD and one AdamW step over the student's parameters: for-loop, multi-tensor (foreach) and
+                  fused implementations side by side (one line each)
 A final `summary` line gives each mode's speed-up over reference and distill-cached's step time over student's.
 """
 from __future__ import annotations
@@ -45,7 +47,7 @@ from kd.data import IMAGENET_MEAN, IMAGENET_STD
 from kd.engine import Objective, Trainer
 from kd.errors import UserError
 from kd.models import build_model
-from kd.optim import build_optimizer
+from kd.optim import build_optimizer, is_fused
 from kd.packed import ensure_packs
 from kd.teacher_cache import CachedViews, TeacherCache, cache_views, run_teacher
 
@@ -56,8 +58,8 @@ ALPHA, TEMPERATURE = 0.1, 7.0
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", nargs="+", default=list(MODES), choices=(*MODES, "allreduce", "ddp-overhead"),
-                   help="modes to measure, in this order (default: all but the two DDP ones)")
+    p.add_argument("--mode", nargs="+", default=list(MODES), choices=(*MODES, "allreduce", "ddp-overhead", "optimizer"),
+                   help="modes to measure, in this order (default: all but ddp-overhead, allreduce, optimizer)")
     p.add_argument("--teacher", default="resnet101", help="teacher architecture (default: resnet101)")
     p.add_argument("--student", default="resnet18", help="student architecture (default: resnet18)")
     p.add_argument("--image-size", type=int, default=128, help="training crop in px (default: 128)")
@@ -221,7 +223,7 @@ def kd_mode(mode: str, setup: Setup, ids, build_lines: list):
     args, acc = setup.args, setup.accelerator
     arch = args.teacher if mode == "teacher-train" else args.student
     model = build_model(arch, setup.num_classes).to(memory_format=memory_format(args.channels_last))
-    optimizer = build_optimizer(model, "sgd", 0.01, 5e-4)
+    optimizer = build_optimizer(model, "sgd", 0.01, 5e-4, device=acc.device)
     model, optimizer = acc.prepare(model, optimizer)
     train_model = torch.compile(model) if setup.compile else model
     objective, transform = Objective(), setup.augment.train_batch
@@ -242,7 +244,7 @@ def kd_mode(mode: str, setup: Setup, ids, build_lines: list):
 
     setup.model = model  # the DDP wrapper under several processes: ddp-overhead toggles its gradient sync
     return step, setup.batches(ids), {"precision": args.precision, "channels_last": args.channels_last,
-                                      "compile": setup.compile,
+                                      "compile": setup.compile, "fused_optimizer": is_fused(optimizer),
                                       "data": "synthetic" if args.synthetic else "packed (augment on device)"}
 
 
@@ -284,6 +286,36 @@ def ddp_modes(mode: str, setup: Setup, ids) -> dict:
             "ddp_overhead": round(synced / local - 1, 3), "processes": dist.get_world_size()}
 
 
+def optimizer_steps(setup: "Setup") -> list[dict]:
+    """Median time of one optimizer step over the student's parameters, per implementation; gradients are random
+    (an optimizer step's cost does not depend on the values)."""
+    args, device = setup.args, setup.accelerator.device
+    model = build_model(args.student, setup.num_classes).to(device)
+    for param in model.parameters():
+        param.grad = torch.randn_like(param)
+    lines = []
+    for impl, flag in (("for-loop", {"foreach": False}), ("foreach", {"foreach": True}), ("fused", {"fused": True})):
+        for name, make in (("sgd", lambda: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
+                                                           weight_decay=5e-4, **flag)),
+                           ("adamw", lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, **flag))):
+            try:
+                optimizer = make()
+            except (RuntimeError, ValueError) as exc:  # no fused kernel for this device in this torch
+                lines.append({"optimizer": name, "implementation": impl, "unavailable": str(exc).splitlines()[0]})
+                continue
+            times = []
+            for i in range(args.warmup + args.steps):
+                synchronize(device)
+                start = time.perf_counter()
+                optimizer.step()
+                synchronize(device)
+                if i >= args.warmup:
+                    times.append(1000 * (time.perf_counter() - start))
+            lines.append({"optimizer": name, "implementation": impl, "step_ms": round(statistics.median(times), 3),
+                          "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)})
+    return lines
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -305,6 +337,10 @@ def main(argv=None) -> None:
         for round_index in range(args.rounds):
             for mode in args.mode:
                 load = os.getloadavg()[0]
+                if mode == "optimizer":
+                    for line in optimizer_steps(setup):
+                        emit(setup, {"mode": mode, **line, **base, "round": round_index})
+                    continue
                 if mode in ("allreduce", "ddp-overhead"):
                     line = {"mode": mode, **base, **ddp_modes(mode, setup, ids)}
                 else:

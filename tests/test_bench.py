@@ -30,8 +30,16 @@ def test_synthetic_prints_a_line_per_mode_and_a_summary():
         if line["mode"] not in ("summary", "cache-build"):
             assert MODE_FIELDS <= set(line) and line["img_per_s"] > 0 and line["data"] == "synthetic"
     assert lines[0]["precision"] == "fp32" and lines[1]["precision"] == "bf16" and lines[1]["channels_last"]
+    assert all(line["fused_optimizer"] for line in lines[1:6] if line["mode"] != "cache-build")
     assert set(lines[-1]["speedup_vs_reference"]) == {"reference", "student", "distill", "distill-cached",
                                                       "teacher-train"}
+
+
+def test_optimizer_implementations_side_by_side():
+    lines = bench("--synthetic", "--mode", "optimizer", *SMALL)
+    assert [(line["optimizer"], line["implementation"]) for line in lines[:-1]] == [
+        (o, i) for i in ("for-loop", "foreach", "fused") for o in ("sgd", "adamw")]
+    assert all(line["step_ms"] > 0 for line in lines[:-1]) and lines[-1]["mode"] == "summary"
 
 
 @pytest.mark.slow
@@ -55,3 +63,24 @@ def test_ddp_overhead_on_two_processes():
     assert [line["mode"] for line in lines] == ["ddp-overhead", "allreduce", "summary"]  # printed by rank 0 only
     assert lines[0]["processes"] == 2 and lines[0]["step_ms_synced"] > 0 and lines[0]["step_ms_local"] > 0
     assert lines[1]["allreduce_ms"] > 0 and lines[1]["grad_mbytes"] > 0
+
+
+@pytest.mark.slow
+def test_gpu_bench_script_runs_from_an_export(jpeg_folder, tmp_path):
+    """launch/bench_gpu.sh, tried on the CPU with tiny models: import the carried export, every phase but the
+    GPU tests, one table."""
+    export = [sys.executable, "-m", "kd.packed", "export", "--data-dir", str(jpeg_folder), "--image-size", "32",
+              "--pack-size", "40", "--packed-dir", str(tmp_path / "src-packs"), "--out", str(tmp_path / "d.npz")]
+    proc = subprocess.run(export, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    env = script_env(DATA=str(tmp_path / "d.npz"), OUT=str(tmp_path / "out"), DEVICE="cpu", TEACHER="resnet8x4",
+                     STUDENT="resnet8", IMAGE_SIZE="32", PACK_SIZE="40", BATCH="4", STEPS="2", WARMUP="1",
+                     VIEWS="2", WORKERS="0", PHASES="data synthetic eager optimizer")
+    proc = subprocess.run(["bash", "launch/bench_gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = [json.loads(line) for line in (tmp_path / "out" / "bench.jsonl").read_text().splitlines()]
+    modes = [line["mode"] for line in lines]
+    assert modes.count("summary") == 4 and modes.count("optimizer") == 6 and "reference" in modes
+    table = (tmp_path / "out" / "summary.md").read_text()
+    assert "| reference | folder |" in table and "| distill-cached | packed |" in table
