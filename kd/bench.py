@@ -228,8 +228,11 @@ def kd_mode(mode: str, setup: Setup, ids, build_lines: list):
     train_model = torch.compile(model) if setup.compile else model
     objective, transform = Objective(), setup.augment.train_batch
     if mode in ("distill", "distill-cached"):
+        # The cache's teacher runs eager, as `kd.teacher_cache build` does by default: its last, smaller chunk
+        # would cost a second (dynamic-shape) compilation of the teacher for a one-off pass.
         teacher = inference_teacher(build_model(args.teacher, setup.num_classes), acc.device,
-                                    autocast_dtype(args.precision), args.channels_last, setup.compile)
+                                    autocast_dtype(args.precision), args.channels_last,
+                                    setup.compile and mode == "distill")
         objective = Objective(teacher, ALPHA, TEMPERATURE)
         if mode == "distill-cached":
             cache, build = setup.cache(teacher, ids)

@@ -339,6 +339,9 @@ def import_packs(archive: Path, packed_dir: Path | None, workers: int = 0, folde
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data[offsets[i]:offsets[i + 1]].tobytes())
                 log(f"wrote {meta['count']} {split} JPEGs under {Path(folder) / split}")
+            if folder is not None:  # the packs now stand for the written folder: training on it reads them as they are
+                meta = {**meta, "source": str(Path(folder) / split),
+                        "source_fingerprint": list_split(Path(folder) / split)[2]}
             if packed_dir is not None:
                 packed_dir.mkdir(parents=True, exist_ok=True)
                 jobs = ((i, data[offsets[i]:offsets[i + 1]].tobytes()) for i in range(meta["count"]))

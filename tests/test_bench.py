@@ -73,7 +73,8 @@ def test_gpu_bench_script_runs_from_an_export(jpeg_folder, tmp_path):
               "--pack-size", "40", "--packed-dir", str(tmp_path / "src-packs"), "--out", str(tmp_path / "d.npz")]
     proc = subprocess.run(export, cwd=REPO, env=script_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    env = script_env(DATA=str(tmp_path / "d.npz"), OUT=str(tmp_path / "out"), DEVICE="cpu", TEACHER="resnet8x4",
+    env = script_env(DATA=str(tmp_path / "d.npz"), OUT=str(tmp_path / "out"), WORK=str(tmp_path / "work"),
+                     PYTHON=sys.executable, DEVICE="cpu", TEACHER="resnet8x4",
                      STUDENT="resnet8", IMAGE_SIZE="32", PACK_SIZE="40", BATCH="4", STEPS="2", WARMUP="1",
                      VIEWS="2", WORKERS="0", PHASES="data synthetic eager optimizer")
     proc = subprocess.run(["bash", "launch/bench_gpu.sh"], cwd=REPO, env=env, capture_output=True, text=True,
@@ -84,3 +85,4 @@ def test_gpu_bench_script_runs_from_an_export(jpeg_folder, tmp_path):
     assert modes.count("summary") == 4 and modes.count("optimizer") == 6 and "reference" in modes
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| reference | folder |" in table and "| distill-cached | packed |" in table
+    assert (tmp_path / "work" / "imported").is_file() and not (tmp_path / "out" / "packs").exists()

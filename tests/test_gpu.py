@@ -38,11 +38,12 @@ def test_train_step_never_waits_on_the_host(mode, compile):
     """torch.cuda.set_sync_debug_mode('error') raises at any call that blocks the host on the GPU (.item(), a
     blocking copy, a data-dependent shape): kd's step (augmentation, live or cached teacher, loss, backward,
     fused optimizer step, the loss window) has none, so the host runs ahead and queues the next step."""
-    args = bench.parse_args(["--synthetic", "--device", "cuda", "--teacher", "resnet18", "--student", "resnet18",
-                             "--batch-size", "32", "--views", "2", "--compile" if compile else "--no-compile"])
+    args = bench.parse_args(["--synthetic", "--device", "cuda", "--teacher", "resnet8x4", "--student", "resnet8",
+                             "--image-size", "32", "--batch-size", "32", "--views", "2",
+                             "--compile" if compile else "--no-compile"])  # small models: quick to compile
     setup = bench.Setup(args, torch.device("cuda"))
     step, batches, flags = bench.kd_mode(mode, setup, [], [])
-    assert flags["fused_optimizer"] and flags["compile"] == compile
+    assert flags["fused_optimizer"] and flags["compile"] == compile and flags["channels_last"]
     for _ in range(3):  # compilation and cuDNN autotuning may synchronise on the first steps
         step(*next(batches))
     torch.cuda.synchronize()
@@ -92,7 +93,8 @@ def test_scripts_end_to_end_on_the_gpu(jpeg_folder, tmp_path):
 
 
 def test_bench_on_the_gpu():
-    proc = subprocess.run([sys.executable, "-m", "kd.bench", "--synthetic", "--device", "cuda", "--batch-size", "64",
+    proc = subprocess.run([sys.executable, "-m", "kd.bench", "--synthetic", "--device", "cuda", "--teacher",
+                           "resnet8x4", "--student", "resnet8", "--image-size", "32", "--batch-size", "64",
                            "--steps", "3", "--warmup", "2", "--views", "2", "--mode", "student", "distill-cached",
                            "optimizer"], cwd=REPO, env=script_env(gpu=True), capture_output=True, text=True,
                           timeout=600)

@@ -155,6 +155,9 @@ def test_export_import_round_trip(jpeg_folder, tmp_path):
             assert np.array_equal(b.images[i], np.asarray(Image.open(buffer).convert("RGB")))
         written = datasets.ImageFolder(tmp_path / "jpegs" / split)  # the same JPEGs as files, for kd.bench's reference
         assert written.classes == a.classes and written.targets == a.labels.tolist()
+    messages = []  # the written folder is the imported packs' source: no repacking from the re-encoded JPEGs
+    again = ensure_packs(32, data_dir=str(tmp_path / "jpegs"), packed_dir=str(tmp_path / "b"), log=messages.append)
+    assert messages == [] and all(np.array_equal(again[s].images, carried[s].images) for s in ("train", "val"))
 
 
 def test_split_fingerprint_ignores_timestamps_but_not_content(tmp_path):
