@@ -32,7 +32,7 @@ from kd.data import DataBundle, build_datasets, default_image_size
 from kd.engine import Objective, Trainer, evaluate
 from kd.errors import EXIT_USER_ERROR, UserError
 from kd.optim import build_optimizer, is_fused, warmup_cosine
-from kd.packed import packed_bundle
+from kd.packed import PackedDataset, packed_bundle
 from kd.signals import EXIT_STOPPED, StopRequest, Stopped, ignore_stop_signals
 from kd.teacher_cache import CachedViews
 
@@ -154,10 +154,13 @@ class Session:
     # ---------------------------------------------------------------- loaders and optimization
     def _loader(self, dataset, shuffle: bool) -> DataLoader:
         args = self.args
-        # No persistent workers: each epoch reseeds its workers from the checkpointed RNG, so resume is exact.
+        # Folder data augments in the workers: they restart every epoch, reseeded from the checkpointed RNG, so a
+        # resume is exact. Packed workers only copy memory (augmentation is on the device, seeded by hash): they
+        # persist, which saves their start-up at every epoch and evaluation (many workers, short epochs on a GPU).
+        persistent = args.workers > 0 and isinstance(dataset, PackedDataset)
         return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle,
                           num_workers=args.workers, pin_memory=self.accelerator.device.type == "cuda",
-                          worker_init_fn=ignore_stop_signals)
+                          persistent_workers=persistent, worker_init_fn=ignore_stop_signals)
 
     def _check_enough_data(self) -> None:
         global_batch = self.args.batch_size * self.accelerator.num_processes

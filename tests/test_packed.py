@@ -170,10 +170,12 @@ def test_split_fingerprint_ignores_timestamps_but_not_content(tmp_path):
 
 
 @pytest.mark.slow
-def test_packed_training_resumes_exactly(jpeg_folder, tmp_path):
-    """Views are a function of (seed, epoch, index): a resumed run draws the same crops as an uninterrupted one."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_packed_training_resumes_exactly(jpeg_folder, tmp_path, workers):
+    """Views are a function of (seed, epoch, index): a resumed run draws the same crops as an uninterrupted one,
+    also with persistent DataLoader workers (packed data keeps them across epochs)."""
     common = (*TINY, "--data-dir", jpeg_folder, "--data-format", "packed", "--packed-dir", tmp_path / "packs",
-              "--arch", "resnet8", "--report-to", "none", "--mixed-precision", "bf16")
+              "--arch", "resnet8", "--report-to", "none", "--mixed-precision", "bf16", "--workers", workers)
     run_script("train_teacher.py", *common, "--epochs", "2", "--output-dir", tmp_path / "straight")
     run_script("train_teacher.py", *common, "--epochs", "2", "--output-dir", tmp_path / "resumed", "--resume",
                tmp_path / "straight" / "checkpoints" / "epoch_0001")

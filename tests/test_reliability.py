@@ -11,7 +11,7 @@ import psutil
 import pytest
 import torch
 
-from conftest import REPO, TINY, launch_cmd, run_script, script_env
+from conftest import REPO, TINY, launch_cmd, make_jpeg_folder, run_script, script_env
 from kd.checkpoint import save_model_file
 from kd.models import build_model
 from kd.tracking import read_metrics
@@ -113,6 +113,24 @@ def test_stop_signal_saves_mid_epoch_and_resume_is_exact(reference, tmp_path):
     assert saved.startswith("epoch_0001_step_")
     run_script("train_teacher.py", *args)
     assert_same_run(out, reference)
+
+
+def test_stop_with_persistent_packed_workers_resumes_exactly(tmp_path):
+    """Packed data keeps its DataLoader workers across epochs: a mid-epoch stop and resume still equal the
+    uninterrupted run (the workers draw no random numbers; the crops are hashed on the training device)."""
+    data = make_jpeg_folder(tmp_path / "jpegs", train_per_class=100, val_per_class=4)
+    common = (*TINY, "--data-dir", data, "--data-format", "packed", "--packed-dir", tmp_path / "packs", "--arch",
+              "resnet8", "--report-to", "none", "--workers", "2", "--epochs", "3", "--log-every", "4")
+    run_script("train_teacher.py", *common, "--output-dir", tmp_path / "ref")
+    out = tmp_path / "run"
+    proc = start(*common, "--output-dir", out, "--resume", python=True)
+    assert wait_for(lambda: last_step(out) >= 48, proc)  # 37 steps per epoch: in epoch 2
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 3, stderr[-2000:]
+    assert any("_step_" in p.name for p in (out / "checkpoints").iterdir())
+    run_script("train_teacher.py", *common, "--output-dir", out, "--resume")
+    assert_same_run(out, tmp_path / "ref")
 
 
 def test_stop_signal_with_two_ddp_ranks(tmp_path):
