@@ -108,6 +108,26 @@ def test_fused_optimizer_where_available_same_updates(opt):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)  # the same maths, other rounding
 
 
+@pytest.mark.parametrize("opt", ["sgd", "adamw"])
+def test_optimizer_state_from_another_implementation_stays_fused(opt):
+    """A checkpoint of a non-fused optimizer (an older kd) resumed: still fused, and fp16 loss scaling works."""
+    model = build_model("resnet8", 10)
+    x, y = torch.randn(4, 3, 32, 32), torch.tensor([0, 1, 2, 3])
+    groups = param_groups(model, 5e-4)
+    old = (torch.optim.SGD(groups, lr=0.1, momentum=0.9, nesterov=True) if opt == "sgd"
+           else torch.optim.AdamW(groups, lr=0.1))
+    torch.nn.functional.cross_entropy(model(x), y).backward()
+    old.step()
+    optimizer = build_optimizer(model, opt, 0.1, 5e-4, device="cpu")
+    optimizer.load_state_dict(old.state_dict())
+    assert is_fused(optimizer)
+    scaler = torch.amp.GradScaler("cpu")
+    optimizer.zero_grad()
+    scaler.scale(torch.nn.functional.cross_entropy(model(x), y)).backward()
+    scaler.step(optimizer)
+    scaler.update()
+
+
 def test_model_file_round_trip(tmp_path):
     model = build_model("resnet8", 3)
     meta = {"arch": "resnet8", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32}
