@@ -156,11 +156,14 @@ class Session:
         args = self.args
         # Folder data augments in the workers: they restart every epoch, reseeded from the checkpointed RNG, so a
         # resume is exact. Packed workers only copy memory (augmentation is on the device, seeded by hash): they
-        # persist, which saves their start-up at every epoch and evaluation (many workers, short epochs on a GPU).
-        persistent = args.workers > 0 and isinstance(dataset, PackedDataset)
+        # persist, which saves their start-up at every epoch and evaluation (many workers, short epochs on a GPU),
+        # and their loader gets a generator of its own, so that starting workers never draws from the global RNG
+        # (a resumed run would start them once more than an uninterrupted one, and dropout would then differ).
+        packed = isinstance(dataset, PackedDataset)
         return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle,
                           num_workers=args.workers, pin_memory=self.accelerator.device.type == "cuda",
-                          persistent_workers=persistent, worker_init_fn=ignore_stop_signals)
+                          persistent_workers=packed and args.workers > 0, worker_init_fn=ignore_stop_signals,
+                          generator=torch.Generator() if packed else None)
 
     def _check_enough_data(self) -> None:
         global_batch = self.args.batch_size * self.accelerator.num_processes

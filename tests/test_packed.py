@@ -170,12 +170,14 @@ def test_split_fingerprint_ignores_timestamps_but_not_content(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("workers", [0, 2])
-def test_packed_training_resumes_exactly(jpeg_folder, tmp_path, workers):
+@pytest.mark.parametrize("workers,head", [(0, "linear"), (2, "mlp-teacher")])
+def test_packed_training_resumes_exactly(jpeg_folder, tmp_path, workers, head):
     """Views are a function of (seed, epoch, index): a resumed run draws the same crops as an uninterrupted one,
-    also with persistent DataLoader workers (packed data keeps them across epochs)."""
+    also with persistent DataLoader workers (packed data keeps them across epochs) and dropout drawing from the
+    global RNG in the main process."""
     common = (*TINY, "--data-dir", jpeg_folder, "--data-format", "packed", "--packed-dir", tmp_path / "packs",
-              "--arch", "resnet8", "--report-to", "none", "--mixed-precision", "bf16", "--workers", workers)
+              "--arch", "resnet8", "--report-to", "none", "--mixed-precision", "bf16", "--workers", workers,
+              "--head", head)
     run_script("train_teacher.py", *common, "--epochs", "2", "--output-dir", tmp_path / "straight")
     run_script("train_teacher.py", *common, "--epochs", "2", "--output-dir", tmp_path / "resumed", "--resume",
                tmp_path / "straight" / "checkpoints" / "epoch_0001")
