@@ -301,19 +301,19 @@ def optimizer_steps(setup: "Setup") -> list[dict]:
         for name, make in (("sgd", lambda: torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True,
                                                            weight_decay=5e-4, **flag)),
                            ("adamw", lambda: torch.optim.AdamW(model.parameters(), lr=1e-3, **flag))):
+            times = []
             try:
                 optimizer = make()
-            except (RuntimeError, ValueError) as exc:  # no fused kernel for this device in this torch
+                for i in range(args.warmup + args.steps):
+                    synchronize(device)
+                    start = time.perf_counter()
+                    optimizer.step()
+                    synchronize(device)
+                    if i >= args.warmup:
+                        times.append(1000 * (time.perf_counter() - start))
+            except (RuntimeError, ValueError) as exc:  # no such kernel for this device in this torch
                 lines.append({"optimizer": name, "implementation": impl, "unavailable": str(exc).splitlines()[0]})
                 continue
-            times = []
-            for i in range(args.warmup + args.steps):
-                synchronize(device)
-                start = time.perf_counter()
-                optimizer.step()
-                synchronize(device)
-                if i >= args.warmup:
-                    times.append(1000 * (time.perf_counter() - start))
             lines.append({"optimizer": name, "implementation": impl, "step_ms": round(statistics.median(times), 3),
                           "params_m": round(sum(p.numel() for p in model.parameters()) / 1e6, 2)})
     return lines

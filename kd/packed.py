@@ -253,6 +253,12 @@ def _carried_packs(packed_dir: str | None, image_size: int, pack_size: int | Non
     return {split: PackedDataset(packed, spec, read_meta(packed, spec)) for split, spec in specs.items()}
 
 
+def _packed_from(meta: dict, fingerprint: str) -> bool:
+    """Whether a pack holds these images: packed from them, or imported together with them (`import --folder`
+    writes the archive's JPEGs as a folder; the pack keeps its source's fingerprint, its identity for caches)."""
+    return fingerprint in (meta["source_fingerprint"], meta.get("folder_fingerprint"))
+
+
 def ensure_packs(image_size: int, pack_size: int | None = None, *, dataset: str = "imagefolder",
                  data_dir: str | None = None, packed_dir: str | None = None, variant: str = "auto",
                  download: bool = True, skip_corrupt: bool = False, workers: int = 0,
@@ -268,11 +274,13 @@ def ensure_packs(image_size: int, pack_size: int | None = None, *, dataset: str 
         return carried
     packed = Path(packed_dir) if packed_dir else default_packed_dir(source)
     listings = {split: list_split(source / split) for split in SPLITS}
+    if pack_size is None and carried is not None and _packed_from(carried["train"].meta, listings["train"][2]):
+        pack_size = carried["train"].spec.crop  # the packs imported with this folder, at their size
     specs = pack_specs(image_size, pack_size or default_pack_size(listings["train"][0], image_size))
     packs = {}
     for split, spec in specs.items():
         meta = read_meta(packed, spec)
-        if meta is None or meta["source_fingerprint"] != listings[split][2]:
+        if meta is None or not _packed_from(meta, listings[split][2]):
             if meta is not None:
                 log(f"{packed / spec.stem}.npy was packed from other images than {source / split}: repacking")
             meta = build_pack(source / split, spec, packed, workers, skip_corrupt, log)
@@ -317,9 +325,12 @@ def export_packs(packs: dict[str, PackedDataset], out: Path, quality: int, log=p
         meta = {**pack.meta, "transport_quality": quality}
         arrays[f"{split}.meta"] = np.frombuffer(json.dumps(meta).encode(), dtype=np.uint8)
     partial = out.with_name(f".{out.name}.partial")  # a killed export leaves no truncated file under `out`
-    with open(partial, "wb") as f:
-        np.savez(f, **arrays)
-    os.replace(partial, out)
+    try:
+        with open(partial, "wb") as f:
+            np.savez(f, **arrays)
+        os.replace(partial, out)
+    finally:
+        partial.unlink(missing_ok=True)
     log(f"exported {', '.join(f'{len(p)} {s}' for s, p in packs.items())} images at JPEG quality {quality}: "
         f"{out} ({Path(out).stat().st_size / 2**20:.1f} MiB)")
 
@@ -328,6 +339,9 @@ def import_packs(archive: Path, packed_dir: Path | None, workers: int = 0, folde
                  log=print) -> None:
     """Decodes an exported .npz once into raw packs in `packed_dir`, and/or writes its JPEGs out as an ImageFolder
     tree in `folder` (what the reference loop of kd.bench reads on a machine without the original images)."""
+    for split in SPLITS if folder is not None else ():
+        if (Path(folder) / split).is_dir() and any((Path(folder) / split).iterdir()):
+            raise UserError(f"--folder {folder} already holds images in {split}/: pass an empty or new folder")
     with np.load(archive) as blobs:
         for split in SPLITS:
             meta = json.loads(blobs[f"{split}.meta"].tobytes())
@@ -339,9 +353,8 @@ def import_packs(archive: Path, packed_dir: Path | None, workers: int = 0, folde
                     path.parent.mkdir(parents=True, exist_ok=True)
                     path.write_bytes(data[offsets[i]:offsets[i + 1]].tobytes())
                 log(f"wrote {meta['count']} {split} JPEGs under {Path(folder) / split}")
-            if folder is not None:  # the packs now stand for the written folder: training on it reads them as they are
-                meta = {**meta, "source": str(Path(folder) / split),
-                        "source_fingerprint": list_split(Path(folder) / split)[2]}
+            if folder is not None:  # training on the written folder reads these packs as they are (no repacking)
+                meta = {**meta, "folder_fingerprint": list_split(Path(folder) / split)[2]}
             if packed_dir is not None:
                 packed_dir.mkdir(parents=True, exist_ok=True)
                 jobs = ((i, data[offsets[i]:offsets[i + 1]].tobytes()) for i in range(meta["count"]))

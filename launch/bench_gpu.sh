@@ -43,11 +43,12 @@ data_args=()
 if [[ " $PHASES " == *" data "* || " $PHASES " == *" eager "* ]]; then
     [[ -n $DATA ]] || { echo "error: set DATA to an exported .npz or an image folder (train/<class>/*)" >&2; exit 2; }
     if [[ $DATA == *.npz ]]; then
-        if [[ ! -f $WORK/imported ]]; then  # once per machine
+        if [[ "$(cat "$WORK/imported" 2>/dev/null)" != "$DATA" ]]; then  # once per machine and export
             log "importing $DATA into $WORK"
+            rm -rf "$WORK/packs" "$WORK/images" "$WORK/imported"
             "$PYTHON" -m kd.packed import "$DATA" --packed-dir "$WORK/packs" --folder "$WORK/images" 2>&1 \
                 | tee -a "$OUT/bench_gpu.log"
-            touch "$WORK/imported"
+            echo "$DATA" > "$WORK/imported"
         fi
         data_args=(--data-dir "$WORK/images" --packed-dir "$WORK/packs")
     else

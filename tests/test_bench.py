@@ -86,3 +86,6 @@ def test_gpu_bench_script_runs_from_an_export(jpeg_folder, tmp_path):
     table = (tmp_path / "out" / "summary.md").read_text()
     assert "| reference | folder |" in table and "| distill-cached | packed |" in table
     assert (tmp_path / "work" / "imported").is_file() and not (tmp_path / "out" / "packs").exists()
+    again = subprocess.run(["bash", "launch/bench_gpu.sh"], cwd=REPO, env={**env, "PHASES": "data"},
+                           capture_output=True, text=True, timeout=600)  # the import is reused
+    assert again.returncode == 0 and "importing" not in again.stderr, again.stderr[-3000:]

@@ -18,7 +18,8 @@ from conftest import REPO, TINY, make_jpeg_folder, run_script, script_env
 from kd.augment import DeviceAugment, hash_uniform, render_views, sample_views, stream_key
 from kd.data import IMAGENET_MEAN, IMAGENET_STD, eval_transform
 from kd.errors import UserError
-from kd.packed import default_pack_size, ensure_packs, export_packs, import_packs, list_split, pack_specs
+from kd.packed import (default_pack_size, ensure_packs, export_packs, import_packs, list_split, pack_specs,
+                       read_meta)
 from kd.tracking import read_metrics
 
 UNIT = (torch.zeros(3), torch.ones(3) / 255.0)  # normalization that leaves pixel values as they are
@@ -155,9 +156,15 @@ def test_export_import_round_trip(jpeg_folder, tmp_path):
             assert np.array_equal(b.images[i], np.asarray(Image.open(buffer).convert("RGB")))
         written = datasets.ImageFolder(tmp_path / "jpegs" / split)  # the same JPEGs as files, for kd.bench's reference
         assert written.classes == a.classes and written.targets == a.labels.tolist()
-    messages = []  # the written folder is the imported packs' source: no repacking from the re-encoded JPEGs
+    messages = []  # training on the written folder reads the imported packs: no repacking from re-encoded JPEGs
     again = ensure_packs(32, data_dir=str(tmp_path / "jpegs"), packed_dir=str(tmp_path / "b"), log=messages.append)
     assert messages == [] and all(np.array_equal(again[s].images, carried[s].images) for s in ("train", "val"))
+    import_packs(tmp_path / "packs.npz", tmp_path / "c", log=lambda m: None)  # same identity with or without --folder
+    assert ({s: p.meta["source_fingerprint"] for s, p in again.items()}
+            == {s: p.meta["source_fingerprint"] for s, p in packs.items()}
+            == {s: read_meta(tmp_path / "c", p.spec)["source_fingerprint"] for s, p in packs.items()})
+    with pytest.raises(UserError, match="already holds images in train/"):
+        import_packs(tmp_path / "packs.npz", tmp_path / "d", folder=tmp_path / "jpegs", log=lambda m: None)
 
 
 def test_split_fingerprint_ignores_timestamps_but_not_content(tmp_path):
