@@ -24,7 +24,8 @@ FUSED_DEVICES = ("cuda", "cpu")
 def build_optimizer(model: nn.Module, opt: str, lr: float, weight_decay: float, momentum: float = 0.9,
                     nesterov: bool = True, device: torch.device | str = "cpu") -> torch.optim.Optimizer:
     """SGD or AdamW for a model that will train on `device`: the fused implementation (one kernel for all
-    parameters; for ResNet-18 on CPU 11x faster than torch's default there, see BENCHMARKS.md) where it exists."""
+    parameters; an isolated ResNet-18 step on CPU is 3-11x faster than torch's defaults, see BENCHMARKS.md) where
+    it exists."""
     groups = param_groups(model, weight_decay)
     fused = {"fused": True} if torch.device(device).type in FUSED_DEVICES else {}
     if opt == "sgd":
