@@ -7,7 +7,7 @@
 #
 # PHASES picks the steps, in order (default: all). Each compiles models on first use (a minute or more each for
 # ResNet-18/101 before inductor's cache is warm), so where a command has a time limit, split the work:
-# PHASES=tests (~3-5 min), then PHASES="data optimizer", then PHASES="synthetic eager".
+# PHASES="tests optimizer" (~3-5 min), then PHASES=data (the targets), then PHASES="synthetic eager".
 #   tests      pytest -m gpu: no host sync in the step, CPU/GPU view agreement, the scripts end to end on the GPU
 #   data       reference, student, distill and distill-cached end to end with data loading (reference reads the
 #              JPEG folder, the rest the packs)
