@@ -17,9 +17,9 @@ from kd.checkpoint import load_model_file
 from kd.config import add_distill_flags, common_parser
 from kd.data import DataBundle
 from kd.engine import Objective
-from kd.errors import UserError, warn
+from kd.errors import UserError, user_errors, warn
 from kd.models import ARCHS, build_model
-from kd.session import Session, user_errors
+from kd.session import Session
 from kd.teacher_cache import TeacherCache
 
 

@@ -11,8 +11,9 @@ metrics.jsonl and config.json. Run with --help for every flag.
 import argparse
 
 from kd.config import common_parser
+from kd.errors import user_errors
 from kd.models import ARCHS, build_model
-from kd.session import Session, user_errors
+from kd.session import Session
 
 
 def parse_args(argv=None) -> argparse.Namespace:

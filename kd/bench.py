@@ -45,7 +45,7 @@ from kd.checkpoint import TrainState
 from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memory_format
 from kd.data import IMAGENET_MEAN, IMAGENET_STD
 from kd.engine import Objective, Trainer
-from kd.errors import UserError
+from kd.errors import UserError, user_errors
 from kd.models import build_model
 from kd.optim import build_optimizer, is_fused
 from kd.packed import ensure_packs
@@ -324,7 +324,7 @@ def main(argv=None) -> None:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    try:
+    with user_errors():
         setup = Setup(args, device)
         device = setup.accelerator.device
         rng = np.random.default_rng(0)
@@ -365,9 +365,6 @@ def main(argv=None) -> None:
                 emit(setup, {**line, "round": round_index, "load_avg_1m": round(load, 2)})
         emit(setup, summary(results, base))
         setup.accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 def summary(results: dict[str, list[float]], base: dict) -> dict:

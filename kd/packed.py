@@ -24,7 +24,6 @@ import json
 import math
 import multiprocessing
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,7 @@ from torchvision.datasets import folder as tv_folder
 from torchvision.transforms import functional as TF
 
 from kd.data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, DataBundle
-from kd.errors import UserError
+from kd.errors import UserError, user_errors
 from kd.fastai_data import FASTAI_DATASETS, resolve_fastai_root
 
 FORMAT = "kd-packed/1"
@@ -388,7 +387,7 @@ def main(argv=None) -> None:
     p.add_argument("--folder", help="also write the JPEGs as an ImageFolder tree here (<split>/<class>/*.jpg)")
     p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per CPU)")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         if args.command == "import":
             if not (args.packed_dir or args.folder):
                 raise UserError("import: pass --packed-dir, --folder or both")
@@ -405,9 +404,6 @@ def main(argv=None) -> None:
         else:
             for pack in packs.values():
                 print(f"{pack.path}: {len(pack)} images, {pack.path.stat().st_size / 2**20:.0f} MiB")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kd.errors import UserError
+from kd.errors import UserError, user_errors
 from kd.tracking import read_metrics, wandb_logged_in
 
 
@@ -331,8 +331,6 @@ def main(argv=None) -> dict:
     parser.add_argument("--wandb-group", help="group to publish to (default: the runs' group or folder name)")
     parser.add_argument("--no-publish", action="store_true", help="write the local report only")
     args = parser.parse_args(argv)
-    from kd.session import user_errors
-
     with user_errors():
         local = Path(args.source).exists()
         runs = load_local_runs(Path(args.source)) if local else \

@@ -3,7 +3,6 @@ resume, tracking, model files and the closing summary. A script builds its model
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import os
 import shutil
@@ -30,29 +29,14 @@ from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memor
 from kd.config import validate
 from kd.data import DataBundle, build_datasets, default_image_size
 from kd.engine import Objective, Trainer, evaluate
-from kd.errors import EXIT_USER_ERROR, UserError
+from kd.errors import UserError
 from kd.optim import build_optimizer, is_fused, warmup_cosine
 from kd.packed import PackedDataset, packed_bundle
-from kd.signals import EXIT_STOPPED, StopRequest, Stopped, ignore_stop_signals
+from kd.signals import StopRequest, Stopped, ignore_stop_signals
 from kd.teacher_cache import CachedViews
 
 RUN_FILE, CONFIG_FILE = "run.json", "config.json"
 RUN_OUTPUTS = (CHECKPOINTS, BEST_MODEL, FINAL_MODEL, keys.METRICS_FILE, RUN_FILE, CONFIG_FILE, "wandb")
-
-
-@contextlib.contextmanager
-def user_errors():
-    """Bad input ends the process with one line on stderr (from the first process only) and EXIT_USER_ERROR."""
-    try:
-        yield
-    except UserError as exc:
-        if int(os.environ.get("RANK", "0")) == 0:
-            # Raised in a DataLoader worker, the message carries the worker's traceback: keep its last line.
-            message = str(exc).strip().splitlines()[-1].removeprefix(f"{UserError.__module__}.UserError: ")
-            print(f"error: {message}", file=sys.stderr, flush=True)
-        sys.exit(EXIT_USER_ERROR)
-    except Stopped:
-        sys.exit(EXIT_STOPPED)
 
 
 def _git_sha() -> str | None:

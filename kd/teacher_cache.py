@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import hashlib
-import sys
 import time
 from pathlib import Path
 
@@ -31,7 +30,7 @@ from kd.augment import DeviceAugment, hash_uniform, sample_views, stream_key
 from kd.checkpoint import load_model_file, resolve_model_path
 from kd.compute import autocast_dtype, inference_teacher
 from kd.data import DataBundle
-from kd.errors import UserError
+from kd.errors import UserError, user_errors
 from kd.packed import PackedDataset, ensure_packs
 
 FORMAT = "kd-teacher-cache/1"
@@ -224,7 +223,7 @@ def main(argv=None) -> None:
                    "available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
     args = parser.parse_args(argv)
-    try:
+    with user_errors():
         if args.views < 1:
             raise UserError(f"--views must be >= 1, got {args.views}")
         packs = ensure_packs(args.image_size, args.pack_size, dataset=args.dataset, data_dir=args.data_dir,
@@ -238,9 +237,6 @@ def main(argv=None) -> None:
         save_cache(out, meta, tensors)
         print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB): {meta['train']['count']} images x {args.views} "
               f"views in {meta['build_seconds']:.0f} s")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        sys.exit(2)
 
 
 if __name__ == "__main__":
