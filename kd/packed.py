@@ -341,7 +341,14 @@ def import_packs(archive: Path, packed_dir: Path | None, workers: int = 0, folde
     for split in SPLITS if folder is not None else ():
         if (Path(folder) / split).is_dir() and any((Path(folder) / split).iterdir()):
             raise UserError(f"--folder {folder} already holds images in {split}/: pass an empty or new folder")
-    with np.load(archive) as blobs:
+    try:
+        blobs = np.load(archive)
+    except (OSError, ValueError) as exc:  # missing, unreadable, or not a .npz
+        raise UserError(f"cannot read {archive} ({exc.__class__.__name__}): pass the .npz written by "
+                        f"`python -m kd.packed export`") from None
+    if not isinstance(blobs, np.lib.npyio.NpzFile) or not all(f"{s}.meta" in blobs.files for s in SPLITS):
+        raise UserError(f"{archive} is not an export of kd.packed: make one with `python -m kd.packed export`")
+    with blobs:
         for split in SPLITS:
             meta = json.loads(blobs[f"{split}.meta"].tobytes())
             spec = PackSpec(split, meta["resize"], meta["crop"])

@@ -163,6 +163,11 @@ def test_export_import_round_trip(jpeg_folder, tmp_path):
     assert ({s: p.meta["source_fingerprint"] for s, p in again.items()}
             == {s: p.meta["source_fingerprint"] for s, p in packs.items()}
             == {s: read_meta(tmp_path / "c", p.spec)["source_fingerprint"] for s, p in packs.items()})
+    with pytest.raises(UserError, match="cannot read .*missing.npz"):
+        import_packs(tmp_path / "missing.npz", tmp_path / "e", log=lambda m: None)
+    np.save(tmp_path / "other.npy", np.zeros(3))
+    with pytest.raises(UserError, match="is not an export of kd.packed"):
+        import_packs(tmp_path / "other.npy", tmp_path / "e", log=lambda m: None)
     with pytest.raises(UserError, match="already holds images in train/"):
         import_packs(tmp_path / "packs.npz", tmp_path / "d", folder=tmp_path / "jpegs", log=lambda m: None)
 
