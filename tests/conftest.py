@@ -3,6 +3,7 @@ scripts under `accelerate launch` (1 process, or 2 DDP processes on CPU over glo
 from __future__ import annotations
 
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -52,6 +53,15 @@ def imagewoof_slice(tmp_path_factory) -> Path:
             for src in sorted((IMAGEWOOF / split / wnid).iterdir())[:n]:
                 (root / split / wnid / src.name).symlink_to(src)
     return root
+
+
+KD_FRAME = re.compile(r'File "[^"]*(?:/kd/\w+|train_teacher|distill)\.py", line \d+')
+
+
+def traceback_from_kd(stderr: str) -> bool:
+    """Whether stderr holds a Python traceback frame of kd's own code (the scripts or the kd package); the
+    launcher's report that a child failed names the script's path, which is no traceback."""
+    return KD_FRAME.search(stderr) is not None
 
 
 def free_port() -> int:
