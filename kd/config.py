@@ -26,6 +26,9 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--no-download", dest="download", action="store_false", help="never download datasets")
     g.add_argument("--image-size", type=int, help="training crop and eval size in px (default: 224; 32 for cifar and "
                    "synthetic)")
+    g.add_argument("--train-fraction", type=float, default=1.0, help="train on this fraction of the training "
+                   "images and their labels: a subset stratified by class, drawn with --seed (at least one image "
+                   "per class); validation stays whole (default: 1, all)")
     g.add_argument("--workers", type=int, default=4, help="data-loading processes per training process (default: 4)")
     g.add_argument("--data-format", default="folder", choices=("folder", "packed"), help="folder: decode JPEGs "
                    "with torchvision transforms every epoch; packed: decode once into a memory-mapped uint8 pack "
@@ -116,6 +119,7 @@ def validate(args: argparse.Namespace) -> None:
         (args.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}"),
         (args.image_size is None or args.image_size >= 16, f"--image-size must be >= 16 px, got {args.image_size}"),
         (args.workers >= 0, f"--workers must be >= 0, got {args.workers}"),
+        (0 < args.train_fraction <= 1, f"--train-fraction must be in (0, 1], got {args.train_fraction}"),
         (args.lr is None or args.lr > 0, f"--lr must be > 0, got {args.lr}"),
         (args.weight_decay >= 0, f"--weight-decay must be >= 0, got {args.weight_decay}"),
         (args.warmup_epochs >= 0, f"--warmup-epochs must be >= 0, got {args.warmup_epochs}"),

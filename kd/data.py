@@ -72,6 +72,38 @@ class SyntheticDataset(Dataset):
         return image, label
 
 
+def dataset_labels(dataset: Dataset) -> list[int]:
+    """Every sample's label without decoding an image: image folders, CIFAR, packs and synthetic data."""
+    inner = getattr(dataset, "dataset", dataset)
+    if isinstance(inner, SyntheticDataset):
+        return [i % inner.num_classes for i in range(len(inner))]
+    for name in ("targets", "labels"):
+        if hasattr(inner, name):
+            return [int(y) for y in getattr(inner, name)]
+    raise TypeError(f"cannot read the labels of {type(inner).__name__}")
+
+
+class TrainSubset(torch.utils.data.Subset):
+    """A stratified, seeded fraction of a training set. Items keep the full set's index, so per-sample state
+    (packed augmentation, cached teacher views) stays the same as in the whole set."""
+
+    def __init__(self, dataset: Dataset, fraction: float, seed: int):
+        labels = torch.tensor(dataset_labels(dataset))
+        g = torch.Generator().manual_seed(seed)
+        chosen = []
+        for c in labels.unique().tolist():
+            members = torch.nonzero(labels == c).flatten()
+            keep = max(1, round(fraction * len(members)))
+            chosen += members[torch.randperm(len(members), generator=g)[:keep]].tolist()
+        super().__init__(dataset, sorted(chosen))
+        self.fraction = fraction
+
+
+def whole(dataset: Dataset) -> Dataset:
+    """The full training set under a TrainSubset (or the dataset itself)."""
+    return dataset.dataset if isinstance(dataset, TrainSubset) else dataset
+
+
 def train_transform(dataset: str, image_size: int, mean, std) -> T.Compose:
     if dataset in ("cifar10", "cifar100"):
         crop = [T.Resize(image_size)] if image_size != 32 else []

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kd import runs as naming
 from kd.errors import UserError, user_errors
 from kd.tracking import read_metrics, wandb_logged_in
 
@@ -38,6 +39,7 @@ def _run_record(name: str, config: dict, records: list[dict]) -> dict | None:
         "agreement": [r.get("val/agreement") for r in vals],
         "teacher_acc1": next((r["teacher/val_acc1"] for r in records if "teacher/val_acc1" in r), None),
         "wall_seconds": (max(times) - min(times)) if times else None,
+        "config": {k: v for k, v in config.items() if k in naming._flag_names()},  # what kd.runs groups by
     }
 
 
@@ -127,28 +129,43 @@ def _stats(values: list[float]) -> dict:
 
 
 def summarize(runs: list[dict]) -> dict:
+    """One row per distilled setting (kd.runs: method, alpha, temperature and any other gridded key, over its
+    seeds), against the student-only runs that share its non-distillation settings (e.g. the label fraction)."""
     teachers = [r for r in runs if r["job_type"] == "teacher"]
     students = [r for r in runs if r["job_type"] == "student"]
-    distilled = defaultdict(list)
+    varying = naming.varying_keys(r["config"] for r in runs if r["job_type"] in ("student", "distill"))
+    baselines, distilled = defaultdict(list), defaultdict(list)
     for r in runs:
-        if r["job_type"] == "distill":
-            distilled[(r["alpha"], r["temperature"])].append(r)
+        shared, distill = naming.settings({**r["config"], "job_type": r["job_type"]}, varying)
+        key = tuple(shared.items())
+        if r["job_type"] == "student":
+            baselines[key].append(r)
+        elif r["job_type"] == "distill":
+            distilled[key, tuple(distill.items())].append(r)
     if not students or not distilled:
         raise UserError("the report compares distilled students with student-only runs: the runs hold "
                         f"{len(students)} student-only and {sum(map(len, distilled.values()))} distilled runs")
-    base_final = [r["acc1"][-1] for r in students]
-    base_best = [max(r["acc1"]) for r in students]
     rows = []
-    for (alpha, temp), group in sorted(distilled.items()):
+    for (shared, distill), group in sorted(distilled.items(), key=lambda item: repr(item[0])):
+        base = baselines.get(shared)
+        if not base:
+            continue  # no student-only run with these settings (e.g. its label fraction): nothing to compare
         final, best = [r["acc1"][-1] for r in group], [max(r["acc1"]) for r in group]
+        base_final, base_best = [r["acc1"][-1] for r in base], [max(r["acc1"]) for r in base]
         rows.append({
-            "alpha": alpha, "temperature": temp, "student_arch": group[0]["arch"],
+            "alpha": dict(distill)["alpha"], "temperature": dict(distill)["temperature"],
+            "setting": {**dict(distill), **dict(shared)}, "shared": dict(shared),
+            "label": naming.label({**dict(distill), **dict(shared)}), "student_arch": group[0]["arch"],
             "distilled_final": _stats(final), "student_final": _stats(base_final),
             "distilled_best": _stats(best), "student_best": _stats(base_best),
             "delta_final": welch_test(final, base_final), "delta_best": welch_test(best, base_best),
             "agreement_final": _stats([r["agreement"][-1] for r in group if r["agreement"][-1] is not None]),
-            "seeds": sorted(r["seed"] for r in group),
+            "seeds": sorted(r["seed"] for r in group), "student_seeds": sorted(r["seed"] for r in base),
+            "runs": [r["name"] for r in group], "baseline_runs": [r["name"] for r in base],
         })
+    if not rows:
+        raise UserError(f"no distilled setting has student-only runs with the same {', '.join(varying)}: add the "
+                        f"baseline runs (baseline: true in the experiment file)")
     teacher = teachers[0] if teachers else None
     teacher_acc = teacher["acc1"][-1] if teacher else next((r["teacher_acc1"] for g in distilled.values()
                                                             for r in g if r["teacher_acc1"] is not None), None)
@@ -156,7 +173,8 @@ def summarize(runs: list[dict]) -> dict:
         "dataset": runs[0]["dataset"], "image_size": runs[0]["image_size"],
         "teacher": {"arch": teacher["arch"] if teacher else None, "final_acc1": teacher_acc,
                     "best_acc1": max(teacher["acc1"]) if teacher else None},
-        "student_arch": students[0]["arch"], "student_seeds": sorted(r["seed"] for r in students),
+        "student_arch": students[0]["arch"], "student_seeds": sorted({r["seed"] for r in students}),
+        "axes": [k for k in varying if k not in ("seed",)],
         "epochs": max(r["epochs"][-1] for r in runs), "rows": rows,
         "wall_hours": sum(r["wall_seconds"] or 0 for r in runs) / 3600,
     }
@@ -175,16 +193,24 @@ def _delta(d: dict) -> str:
     return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, {p})"
 
 
+def _extra_axes(summary: dict) -> list[str]:
+    """Gridded keys beyond α and T (method, label fraction, ...): one table column each."""
+    return [k for k in summary.get("axes", []) if k not in ("alpha", "temperature")]
+
+
 def takeaway_table(summary: dict) -> str:
     t = summary["teacher"]
-    head = ("| teacher | student | dataset | α | T | distilled, final | student-only, final | Δ final (Welch) "
+    extra = _extra_axes(summary)
+    head = ("| teacher | student | dataset | " + "".join(f"{naming.LABEL.get(k, k)} | " for k in extra) +
+            "α | T | distilled, final | student-only, final | Δ final (Welch) "
             "| distilled, best epoch* | student-only, best epoch* | Δ best* | agreement |")
-    lines = [head, "|" + "---|" * 12]
+    lines = [head, "|" + "---|" * (12 + len(extra))]
     teacher = f"{t['arch']} ({100 * t['final_acc1']:.2f})" if t["final_acc1"] is not None else str(t["arch"])
     for row in summary["rows"]:
+        cells = "".join(f"{naming.format_value(row['setting'].get(k))} | " for k in extra)
         lines.append(
-            f"| {teacher} | {row['student_arch']} | {summary['dataset']} {summary['image_size']} px | {row['alpha']} "
-            f"| {row['temperature']:g} | {_pm(row['distilled_final'])} (n={row['distilled_final']['n']}) "
+            f"| {teacher} | {row['student_arch']} | {summary['dataset']} {summary['image_size']} px | {cells}"
+            f"{row['alpha']} | {row['temperature']:g} | {_pm(row['distilled_final'])} (n={row['distilled_final']['n']}) "
             f"| {_pm(row['student_final'])} (n={row['student_final']['n']}) | {_delta(row['delta_final'])} "
             f"| {_pm(row['distilled_best'])} | {_pm(row['student_best'])} | {_delta(row['delta_best'])} "
             f"| {_pm(row['agreement_final'])} |")
@@ -193,7 +219,28 @@ def takeaway_table(summary: dict) -> str:
                  "so it is optimistic; the final epoch is the unbiased number. Δ: distilled − student-only, with "
                  "its size in standard errors (σ) and Welch's two-sided p. Agreement: top-1 agreement of the "
                  "distilled student with the teacher at the final epoch.")
+    if "train_fraction" in extra:
+        lines.append("labels: the fraction of the training labels (images) each student saw (--train-fraction, a "
+                     "stratified subset drawn with the run's seed); the teacher saw its own fraction (usually all).")
     return "\n".join(lines)
+
+
+def verdict(summary: dict) -> list[str]:
+    """One sentence per row: did distillation help, beyond the seed-to-seed noise?"""
+    lines = []
+    for row in summary["rows"]:
+        d = row["delta_final"]
+        what = f"{row['label']}: distilled {100 * row['distilled_final']['mean']:.2f} % vs student-only " \
+               f"{100 * row['student_final']['mean']:.2f} % ({100 * d['diff']:+.2f} pts)"
+        if d["p"] is None:
+            lines.append(f"{what}: one seed per arm, so no noise estimate: run more seeds to tell")
+        elif d["p"] < 0.05 and d["diff"] > 0:
+            lines.append(f"{what}: distillation helped, beyond the noise between seeds (p={d['p']:.3f})")
+        elif d["p"] < 0.05:
+            lines.append(f"{what}: distillation hurt, beyond the noise between seeds (p={d['p']:.3f})")
+        else:
+            lines.append(f"{what}: within the noise between seeds (p={d['p']:.2f}): no difference shown")
+    return lines
 
 
 def _mean_band(runs: list[dict], key: str):
@@ -208,11 +255,13 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    groups = {"student-only": [r for r in runs if r["job_type"] == "student"]}
+    by_name = {r["name"]: r for r in runs}
+    groups = {}
     for row in summary["rows"]:
-        groups[f"distilled α={row['alpha']} T={row['temperature']:g}"] = [
-            r for r in runs if r["job_type"] == "distill" and (r["alpha"], r["temperature"]) ==
-            (row["alpha"], row["temperature"])]
+        shared = naming.label(row["shared"])
+        groups.setdefault(f"student-only {shared}".strip(), [by_name[n] for n in row["baseline_runs"]])
+        groups[f"distilled {row['label']}"] = [by_name[n] for n in row["runs"]]
+
     def save(fig, name: str) -> str:
         fig.tight_layout()
         fig.savefig(out / name, dpi=120)
@@ -236,26 +285,56 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     files = [save(band_plot("acc1", groups, "Validation accuracy (mean, band = min..max over seeds)",
                             "val top-1 (%)", True), "curves.png")]
 
+    # Δ over the grid: α across, every other key (T, method, label fraction) down
+    def down(row) -> str:
+        return naming.label({k: v for k, v in row["setting"].items() if k != "alpha"})
     alphas = sorted({r["alpha"] for r in summary["rows"]})
-    temps = sorted({r["temperature"] for r in summary["rows"]})
-    grid = np.full((len(temps), len(alphas)), np.nan)
+    downs = list(dict.fromkeys(down(r) for r in summary["rows"]))
+    grid = np.full((len(downs), len(alphas)), np.nan)
     for row in summary["rows"]:
-        grid[temps.index(row["temperature"]), alphas.index(row["alpha"])] = 100 * row["delta_final"]["diff"]
-    fig, ax = plt.subplots(figsize=(1.6 + 1.4 * len(alphas), 1.4 + 1.0 * len(temps)))
+        grid[downs.index(down(row)), alphas.index(row["alpha"])] = 100 * row["delta_final"]["diff"]
+    fig, ax = plt.subplots(figsize=(2.4 + 1.4 * len(alphas), 1.4 + 0.6 * len(downs)))
     limit = max(1e-6, np.nanmax(np.abs(grid)))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:+.2f}", ha="center", va="center")
     ax.set_xticks(range(len(alphas)), [f"α={a}" for a in alphas])
-    ax.set_yticks(range(len(temps)), [f"T={t:g}" for t in temps])
+    ax.set_yticks(range(len(downs)), downs)
     ax.set_title("Δ final top-1 vs student-only (pts)")
     fig.colorbar(image, ax=ax)
     files.append(save(fig, "grid.png"))
+
+    if "train_fraction" in summary.get("axes", []):
+        files.append(save(_fraction_plot(plt, summary), "fractions.png"))
 
     distilled = {label: members for label, members in groups.items() if label != "student-only"}
     files.append(save(band_plot("agreement", distilled, "Teacher–student top-1 agreement on val",
                                 "agreement with teacher (%)", False), "agreement.png"))
     return files
+
+
+def _fraction_plot(plt, summary: dict):
+    """Final top-1 against the fraction of training labels: student-only and each distilled setting."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    lines = {"student-only": {}}
+    for row in summary["rows"]:
+        fraction = row["setting"]["train_fraction"]
+        lines["student-only"][fraction] = row["student_final"]
+        rest = naming.label({k: v for k, v in row["setting"].items() if k != "train_fraction"})
+        lines.setdefault(f"distilled {rest}", {})[fraction] = row["distilled_final"]
+    for name, points in lines.items():
+        xs = sorted(points)
+        ax.errorbar([100 * x for x in xs], [100 * points[x]["mean"] for x in xs],
+                    yerr=[100 * points[x]["std"] for x in xs], marker="o", capsize=3, label=name)
+    if summary["teacher"]["final_acc1"] is not None:
+        ax.axhline(100 * summary["teacher"]["final_acc1"], color="k", ls="--", lw=1,
+                   label=f"teacher {summary['teacher']['arch']}")
+    ax.set_xscale("log")
+    ax.set(xlabel="training labels (%)", ylabel="final val top-1 (%)",
+           title="Student-only vs distilled by label fraction (mean ± std over seeds)")
+    ax.legend(fontsize=8)
+    ax.grid(alpha=0.3, which="both")
+    return fig
 
 
 def write_markdown(summary: dict, plots: list[str], source: str, out: Path) -> Path:
@@ -267,7 +346,7 @@ def write_markdown(summary: dict, plots: list[str], source: str, out: Path) -> P
         f"{summary['dataset']} at {summary['image_size']} px, {summary['epochs']} epochs; student "
         f"{summary['student_arch']} alone (seeds {summary['student_seeds']}) and distilled. {teacher_line} "
         f"Training time of all runs together: {summary['wall_hours']:.2f} h.", "",
-        "## Takeaway", "", takeaway_table(summary), "",
+        "## Takeaway", "", takeaway_table(summary), "", *[f"- {line}" for line in verdict(summary)], "",
         "## Plots", "",
         *[f"![{name[:-4]}]({name})\n" for name in plots],
     ]
@@ -342,6 +421,7 @@ def main(argv=None) -> dict:
         (out / "results.json").write_text(json.dumps({"summary": summary, "runs": runs}, indent=1) + "\n")
         path = write_markdown(summary, plots, args.source, out)
         print(takeaway_table(summary))
+        print("", *verdict(summary), sep="\n")
         print(f"\nreport: {path}")
         if not args.no_publish:
             group = args.wandb_group or (Path(args.source).name if local else args.source)

@@ -27,7 +27,7 @@ from kd.checkpoint import (BEST_MODEL, CHECKPOINTS, FINAL_MODEL, TrainState, che
                            save_training_state)
 from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memory_format
 from kd.config import validate
-from kd.data import DataBundle, build_datasets, default_image_size
+from kd.data import DataBundle, TrainSubset, build_datasets, default_image_size, whole
 from kd.engine import Objective, Trainer, evaluate
 from kd.errors import UserError
 from kd.optim import build_optimizer, is_fused, warmup_cosine
@@ -97,6 +97,8 @@ class Session:
             else:
                 self.data = build_datasets(args.dataset, args.data_dir, args.image_size, variant=args.dataset_variant,
                                            download=args.download, seed=args.seed, skip_corrupt=args.skip_corrupt)
+        if args.train_fraction < 1:
+            self.data.train = TrainSubset(self.data.train, args.train_fraction, args.seed)
         self.print(f"{job_type}: {args.dataset} ({len(self.data.train)} train / {len(self.data.val)} val images, "
                    f"{self.data.num_classes} classes) on {self.accelerator.num_processes} x "
                    f"{self.accelerator.device.type}, precision {self.accelerator.mixed_precision}")
@@ -143,7 +145,7 @@ class Session:
         # persist, which saves their start-up at every epoch and evaluation (many workers, short epochs on a GPU),
         # and their loader gets a generator of its own, so that starting workers never draws from the global RNG
         # (a resumed run would start them once more than an uninterrupted one, and dropout would then differ).
-        packed = isinstance(dataset, PackedDataset)
+        packed = isinstance(whole(dataset), PackedDataset)
         return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle,
                           num_workers=args.workers, pin_memory=self.accelerator.device.type == "cuda",
                           persistent_workers=packed and args.workers > 0, worker_init_fn=ignore_stop_signals,

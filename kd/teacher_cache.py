@@ -29,7 +29,7 @@ import torch
 from kd.augment import DeviceAugment, hash_uniform, sample_views, stream_key
 from kd.checkpoint import load_model_file, resolve_model_path
 from kd.compute import autocast_dtype, inference_teacher
-from kd.data import DataBundle
+from kd.data import DataBundle, whole
 from kd.errors import UserError, user_errors
 from kd.packed import PackedDataset, ensure_packs
 
@@ -74,7 +74,7 @@ class TeacherCache:
 
     def check(self, data: DataBundle, image_size: int, teacher_checkpoint: str | None) -> None:
         """Refuses a cache made for other images, another view geometry or another teacher."""
-        meta, train = self.meta, data.train
+        meta, train = self.meta, whole(data.train)  # a --train-fraction subset replays the full set's views
         if not isinstance(train, PackedDataset):
             raise UserError("--teacher-cache replays views of packed images: add --data-format packed")
         if meta["image_size"] != image_size:

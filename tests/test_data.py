@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from kd.data import build_datasets, eval_transform, train_transform
+from kd.data import TrainSubset, build_datasets, dataset_labels, eval_transform, train_transform
 from kd.errors import UserError
 from kd.fastai_data import archive_stem, pick_variant, resolve_fastai_root
 
@@ -13,6 +13,21 @@ def test_image_folder_items_carry_index(jpeg_folder):
     image, label, index = data.train[17]
     assert image.shape == (3, 32, 32) and image.dtype == torch.float32
     assert index == 17 and label == data.train.dataset.targets[17]
+
+
+def test_train_fraction_is_stratified_seeded_and_keeps_indices(jpeg_folder):
+    data = build_datasets("imagefolder", str(jpeg_folder), 32)
+    subset = TrainSubset(data.train, 0.25, seed=0)
+    labels = [data.train.dataset.targets[i] for i in subset.indices]
+    assert len(subset) == 12 and [labels.count(c) for c in range(3)] == [4, 4, 4]  # 16 per class -> 4
+    image, label, index = subset[5]
+    assert index == subset.indices[5] and label == data.train.dataset.targets[index]
+    assert TrainSubset(data.train, 0.25, seed=0).indices == subset.indices
+    assert TrainSubset(data.train, 0.25, seed=1).indices != subset.indices
+    assert len(TrainSubset(data.train, 0.001, seed=0)) == 3  # at least one image per class
+    synthetic = build_datasets("synthetic", None, 32).train
+    assert dataset_labels(synthetic)[:12] == [i % 10 for i in range(12)]
+    assert [dataset_labels(synthetic)[i] for i in TrainSubset(synthetic, 0.1, 0).indices].count(3) == 6
 
 
 def test_train_and_eval_transforms():

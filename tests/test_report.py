@@ -9,13 +9,15 @@ import pytest
 from kd import report
 
 
-def fake_run(root, name, job_type, seed, accs, alpha=None, temperature=None, agreement=None, teacher_acc=None):
-    run = root / name
+def fake_run(root, name, job_type, seed, accs, alpha=None, temperature=None, agreement=None, teacher_acc=None,
+             config=None):
+    extra, run = config, root / name
     run.mkdir(parents=True)
     config = {"job_type": job_type, "seed": seed, "dataset": "imagewoof", "image_size": 32, "epochs": len(accs),
               "arch" if job_type == "teacher" else "student_arch": "resnet20" if job_type == "teacher" else "resnet8"}
     if job_type == "distill":
         config.update(alpha=alpha, temperature=temperature)
+    config.update(extra or {})
     (run / "config.json").write_text(json.dumps(config))
     records = [{"step": 0, "time": 100.0, "teacher/val_acc1": teacher_acc}] if teacher_acc else []
     for epoch, acc in enumerate(accs, 1):

@@ -1,0 +1,113 @@
+"""Runs of an experiment: the one naming rule and the grid expansion, used by kd.experiment (output folders,
+W&B run names, Slurm array tasks) and kd.report (which runs are seeds of one setting, which baseline a
+distilled setting is compared with, and the setting's label).
+
+A name is the job, then the run's point on the grid, then the seed:
+
+    teacher            student-s0            distill-a0.1-T4-s0
+    student-f0.05-s1   distill-kd-a0.1-T4-f0.05-s1   distill-dkd-a0.1-T4-s2   (method and fraction gridded)
+
+alpha and temperature are always in a distilled run's name, every other gridded key when it is gridded; a
+baseline (student-only) run carries only the gridded keys that are not distillation settings.
+"""
+from __future__ import annotations
+
+import functools
+import itertools
+from typing import Iterable
+
+# A key's short form in names and labels; any other key appears as its flag name, e.g. `lr0.05`.
+SHORT = {"method": "", "alpha": "a", "temperature": "T", "train_fraction": "f", "seed": "s"}
+LABEL = {"alpha": "α", "temperature": "T", "train_fraction": "labels"}
+# distill.py settings that a student-only run does not have (its alpha/temperature in config.json are unused
+# defaults); a gridded key outside these applies to the baseline too (e.g. train_fraction).
+DISTILL_KEYS = frozenset({"method", "alpha", "temperature", "kl_reduction", "teacher_checkpoint", "teacher_cache"})
+ALWAYS_NAMED = ("alpha", "temperature")  # in every distilled run's name, gridded or not
+# Flags that differ between runs of one setting without changing what is trained (or say where it goes).
+NOT_A_SETTING = frozenset({"seed", "output_dir", "run_name", "resume", "overwrite", "teacher_checkpoint",
+                           "teacher_cache", "wandb_group", "wandb_tags", "wandb_project", "wandb_entity", "data_dir",
+                           "packed_dir", "workers", "report_to", "log_every", "checkpoint_every", "keep_checkpoints",
+                           "dist_timeout"})
+
+
+def format_value(value) -> str:
+    """0.1 -> '0.1', 4.0 -> '4', 1e-05 -> '1e-05', True -> 'true'."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, float):
+        return f"{value:g}"
+    return str(value)
+
+
+def name_part(key: str, value) -> str:
+    return f"{SHORT.get(key, key.replace('_', '-'))}{format_value(value)}"
+
+
+def run_name(job: str, point: dict, seed=None) -> str:
+    """`job`, the point's keys in their order, then `s<seed>`: student-f0.05-s0, distill-a0.1-T4-s1."""
+    parts = [job, *(name_part(k, v) for k, v in point.items())]
+    if seed is not None:
+        parts.append(name_part("seed", seed))
+    return "-".join(parts)
+
+
+def label(point: dict) -> str:
+    """A setting for people: 'α=0.1 T=4', 'dkd α=0.1 T=4 labels=0.05'."""
+    return " ".join(format_value(v) if k == "method" else f"{LABEL.get(k, k)}={format_value(v)}"
+                    for k, v in point.items())
+
+
+def expand_grid(grid: dict) -> list[dict]:
+    """Every combination of the grid's value lists, the first key varying slowest: {a: [1, 2], b: [3]} ->
+    [{a: 1, b: 3}, {a: 2, b: 3}]."""
+    keys = list(grid)
+    return [dict(zip(keys, values)) for values in itertools.product(*(grid[k] for k in keys))]
+
+
+def student_points(grid: dict, distill_defaults: dict) -> tuple[list[dict], list[dict]]:
+    """(baseline points, distilled points) of a students' grid: a baseline point per combination of the
+    non-distillation keys; a distilled point per combination of all keys, alpha and temperature always
+    present (from `distill_defaults` when not gridded), ordered method, alpha, temperature, then the rest."""
+    shared = {k: v for k, v in grid.items() if k not in DISTILL_KEYS}
+    baselines = expand_grid(shared)
+    distilled = []
+    for point in expand_grid(grid):
+        ordered = {k: point[k] for k in ("method",) if k in point}
+        ordered.update({k: point.get(k, distill_defaults.get(k)) for k in ALWAYS_NAMED})
+        ordered.update({k: v for k, v in point.items() if k not in ordered})
+        distilled.append(ordered)
+    return baselines, distilled
+
+
+# ---------------------------------------------------------------- reading runs back (kd.report)
+def varying_keys(configs: Iterable[dict]) -> list[str]:
+    """The settings (flags) whose value differs between these runs' configs, in first-seen order."""
+    configs = list(configs)
+    keys = list(dict.fromkeys(k for c in configs for k in c))
+    flags = _flag_names()
+    return [k for k in keys if k in flags and k not in NOT_A_SETTING
+            and len({repr(c.get(k)) for c in configs}) > 1]
+
+
+def settings(config: dict, varying: list[str]) -> tuple[dict, dict]:
+    """(shared, distill) setting of a run: its values of the varying non-distillation keys (what its baseline
+    must match), and for a distilled run its method (when varying), alpha, temperature and other varying
+    distillation keys."""
+    shared = {k: config.get(k) for k in varying if k not in DISTILL_KEYS}
+    if config.get("job_type") != "distill":
+        return shared, {}
+    distill = {k: config.get(k) for k in ("method",) if k in varying}
+    distill.update({k: config.get(k) for k in ALWAYS_NAMED})
+    distill.update({k: config.get(k) for k in varying if k in DISTILL_KEYS and k not in distill})
+    return shared, distill
+
+
+@functools.cache
+def _flag_names() -> frozenset:
+    """Every train_teacher.py / distill.py setting by its config.json key (argparse dest)."""
+    import argparse
+
+    from kd.config import add_distill_flags, common_parser
+    parser = argparse.ArgumentParser(parents=[common_parser()], add_help=False)
+    add_distill_flags(parser)
+    return frozenset({a.dest for a in parser._actions} | {"arch", "student_arch", "method"})

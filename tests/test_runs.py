@@ -1,0 +1,47 @@
+"""kd.runs: the one naming rule and the grid expansion, and how kd.report groups runs by it."""
+import pytest
+
+from kd import report, runs
+from test_report import fake_run
+
+
+def test_names():
+    assert runs.run_name("teacher", {}) == "teacher"
+    assert runs.run_name("student", {}, seed=0) == "student-s0"
+    assert runs.run_name("distill", {"alpha": 0.1, "temperature": 4.0}, seed=2) == "distill-a0.1-T4-s2"
+    assert runs.run_name("distill", {"method": "dkd", "alpha": 0.1, "temperature": 4, "train_fraction": 0.05,
+                                     "lr": 1e-05}, seed=1) == "distill-dkd-a0.1-T4-f0.05-lr1e-05-s1"
+    assert runs.label({"method": "dkd", "alpha": 0.1, "temperature": 4.0, "train_fraction": 0.05}) == \
+        "dkd α=0.1 T=4 labels=0.05"
+
+
+def test_student_points_split_the_grid():
+    grid = {"train_fraction": [0.1, 1.0], "method": ["kd", "dkd"], "alpha": [0.1]}
+    baselines, distilled = runs.student_points(grid, {"alpha": 0.1, "temperature": 7.0})
+    assert baselines == [{"train_fraction": 0.1}, {"train_fraction": 1.0}]
+    assert [list(p.items()) for p in distilled[:2]] == [
+        [("method", "kd"), ("alpha", 0.1), ("temperature", 7.0), ("train_fraction", 0.1)],
+        [("method", "dkd"), ("alpha", 0.1), ("temperature", 7.0), ("train_fraction", 0.1)]]
+    assert len(distilled) == 4
+    assert runs.student_points({}, {"alpha": 0.3, "temperature": 2.0}) == ([{}], [{"alpha": 0.3, "temperature": 2.0}])
+
+
+def test_report_compares_each_fraction_with_its_own_baseline(tmp_path):
+    root = tmp_path / "fractions"
+    fake_run(root, "teacher", "teacher", 0, [0.9])
+    for fraction, base, gain in ((0.1, 0.40, 0.10), (1.0, 0.80, 0.01)):
+        for seed in (0, 1):
+            fake_run(root, runs.run_name("student", {"train_fraction": fraction}, seed), "student", seed,
+                     [base + 0.01 * seed], config={"train_fraction": fraction})
+            fake_run(root, runs.run_name("distill", {"alpha": 0.1, "temperature": 4, "train_fraction": fraction},
+                                         seed), "distill", seed, [base + gain + 0.01 * seed], 0.1, 4.0,
+                     config={"train_fraction": fraction})
+    summary = report.summarize(report.load_local_runs(root))
+    assert "train_fraction" in summary["axes"]
+    rows = {r["setting"]["train_fraction"]: r for r in summary["rows"]}
+    assert rows[0.1]["delta_final"]["diff"] == pytest.approx(0.10)
+    assert rows[1.0]["delta_final"]["diff"] == pytest.approx(0.01)
+    assert rows[0.1]["baseline_runs"] == ["student-f0.1-s0", "student-f0.1-s1"]
+    table = report.takeaway_table(summary)
+    assert "| labels | α | T |" in table and "| 0.1 | 0.1 | 4 |" in table
+    assert "α=0.1 T=4 labels=0.1" in report.verdict(summary)[0]
