@@ -21,10 +21,11 @@ from accelerate.utils import set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
+from kd import footprint
 from kd import tracking as keys
 from kd.augment import DeviceAugment
 from kd.checkpoint import (BEST_MODEL, CHECKPOINTS, FINAL_MODEL, TrainState, checkpoint_dirs, save_model_file,
-                           save_training_state)
+                           load_model_file, resolve_model_path, save_training_state)
 from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memory_format
 from kd.config import validate
 from kd.data import DataBundle, TrainSubset, build_datasets, default_image_size, whole
@@ -36,7 +37,7 @@ from kd.signals import StopRequest, Stopped, ignore_stop_signals
 from kd.teacher_cache import CachedViews
 
 RUN_FILE, CONFIG_FILE = "run.json", "config.json"
-RUN_OUTPUTS = (CHECKPOINTS, BEST_MODEL, FINAL_MODEL, keys.METRICS_FILE, RUN_FILE, CONFIG_FILE, "wandb")
+RUN_OUTPUTS = (CHECKPOINTS, BEST_MODEL, FINAL_MODEL, keys.METRICS_FILE, RUN_FILE, CONFIG_FILE, footprint.FILE, "wandb")
 
 
 def _git_sha() -> str | None:
@@ -237,6 +238,7 @@ class Session:
         if not final:  # resumed a finished run: nothing left to train
             final = trainer.evaluate()
         self._save_model(model, FINAL_MODEL, {**meta, "epoch": state.epoch, "val_acc1": final[keys.VAL_ACC1]})
+        self._measure_footprint(tracker)
         tracker.finish()
         return self._summarize(state, final, trainer)
 
@@ -278,6 +280,21 @@ class Session:
             state_dict = self.accelerator.get_state_dict(model)
             save_model_file(self.output_dir / name, state_dict, meta)
         self.accelerator.wait_for_everyone()
+
+    def _measure_footprint(self, tracker: keys.Tracker) -> None:
+        """compression.json and the W&B summary: the shipped model (model_best.pt, read back from disk) measured once
+        by the main process while the others wait."""
+        acc = self.accelerator
+        if acc.is_main_process:
+            path = resolve_model_path(self.output_dir)
+            model, meta = load_model_file(path)
+            figures = {"model": path.name, **footprint.measure(model, meta["image_size"], path, acc.device)}
+            tmp = self.output_dir / f".{footprint.FILE}.tmp"
+            tmp.write_text(json.dumps(figures, indent=2) + "\n")
+            tmp.replace(self.output_dir / footprint.FILE)
+            tracker.summary(footprint.summary_values(figures))
+            self.print(f"footprint of {path.name}: {footprint.describe(figures)}")
+        acc.wait_for_everyone()
 
     def _summarize(self, state: TrainState, final: dict, trainer: Trainer) -> dict:
         wall = time.time() - self.start_time

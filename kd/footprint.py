@@ -1,0 +1,147 @@
+"""What a model costs to ship and run: parameters, MACs, file size and measured latency. Written once at the end of
+every run (compression.json, the W&B summary) and read by kd.compare and kd.report for the teacher/student ratios.
+
+MACs are multiply-accumulates per image at the run's image size, counted by torch.utils.flop_counter (its FLOPs
+/ 2, the convention of papers that quote "GFLOPs" for a ResNet-50 at 4.1): convolutions, linear layers and matrix
+products, attention included. Normalization, activations and pooling are not counted.
+"""
+from __future__ import annotations
+
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+FILE = "compression.json"
+CPU_BATCHES = (1, 32)
+CUDA_BATCH = 256
+# W&B summary keys (the rest of the figures are in compression.json).
+PARAMS, MACS, FILE_MB = "compression/params", "compression/macs", "compression/file_mb"
+CPU_B1_MS, CPU_B32_MS, CUDA_B256_MS = ("compression/cpu_b1_ms", "compression/cpu_b32_ms",
+                                       "compression/cuda_b256_bf16_ms")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+def count_macs(model: nn.Module, image_size: int) -> int:
+    """Multiply-accumulates of one forward pass of a single image (batch 1, eval mode)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        counter = FlopCounterMode(display=False)
+        with torch.no_grad(), counter:
+            model(torch.zeros(1, 3, image_size, image_size, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() // 2
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def cpu_threads() -> int:
+    """The CPUs this process may use: latency is measured with all of them, whatever the training run's
+    OMP_NUM_THREADS was (a DDP teacher and a single-process student would otherwise be timed differently)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def time_forward(run, sync=lambda: None, warmup: int = 2, iters: int = 10, budget_s: float = 1.5) -> dict:
+    """Median milliseconds of `run()` after `warmup` calls; at most `iters` timed calls, stopping early once
+    `budget_s` seconds are spent (at least one timed call), so a big teacher on a CPU stays bounded."""
+    for _ in range(warmup):
+        run()
+    sync()
+    times, start = [], time.perf_counter()
+    while len(times) < iters and (not times or time.perf_counter() - start < budget_s):
+        t0 = time.perf_counter()
+        run()
+        sync()
+        times.append((time.perf_counter() - t0) * 1000)
+    return {"ms": statistics.median(times), "iters": len(times)}
+
+
+def cpu_latency(model: nn.Module, image_size: int, batches=CPU_BATCHES, budget_s: float = 1.5) -> dict:
+    """Median ms per batch of a float32 forward on the CPU, for each batch size, with cpu_threads() threads."""
+    model = model.float().eval()
+    previous, threads = torch.get_num_threads(), cpu_threads()
+    torch.set_num_threads(threads)
+    try:
+        result = {"device": cpu_name(), "threads": threads, "dtype": "float32"}
+        with torch.inference_mode():
+            for batch in batches:
+                x = torch.randn(batch, 3, image_size, image_size)
+                timing = time_forward(lambda: model(x), budget_s=budget_s)
+                result[f"batch{batch}"] = {**timing, "img_per_s": 1000 * batch / timing["ms"]}
+    finally:
+        torch.set_num_threads(previous)
+    return result
+
+
+def cuda_latency(model: nn.Module, image_size: int, device: torch.device, batch: int = CUDA_BATCH,
+                 budget_s: float = 1.5) -> dict | None:
+    """Median ms per batch under bf16 autocast, channels_last, on `device`; None without a CUDA device."""
+    if device.type != "cuda" or not torch.cuda.is_available():
+        return None
+    model = model.to(device, memory_format=torch.channels_last).eval()
+    x = torch.randn(batch, 3, image_size, image_size, device=device).contiguous(memory_format=torch.channels_last)
+    try:
+        with torch.inference_mode(), torch.autocast("cuda", dtype=torch.bfloat16):
+            timing = time_forward(lambda: model(x), sync=lambda: torch.cuda.synchronize(device), budget_s=budget_s)
+    except torch.cuda.OutOfMemoryError:
+        return {"device": torch.cuda.get_device_name(device), "error": f"out of memory at batch {batch}"}
+    finally:
+        model.cpu()
+        torch.cuda.empty_cache()
+    return {"device": torch.cuda.get_device_name(device), "dtype": "bfloat16", f"batch{batch}": {
+        **timing, "img_per_s": 1000 * batch / timing["ms"]}}
+
+
+def measure(model: nn.Module, image_size: int, model_file: Path | None = None,
+            device: torch.device | None = None, budget_s: float = 1.5) -> dict:
+    """Every figure for one model (on the CPU, in eval mode). Takes a few seconds per measured batch size at most."""
+    model = model.cpu().eval()
+    figures = {"params": count_params(model), "macs": count_macs(model, image_size), "image_size": image_size,
+               "macs_convention": "multiply-accumulates per image = torch.utils.flop_counter FLOPs / 2",
+               "weights_bytes": sum(t.numel() * t.element_size() for t in model.state_dict().values()),
+               "file_bytes": Path(model_file).stat().st_size if model_file else None,
+               "cpu": cpu_latency(model, image_size, budget_s=budget_s)}
+    figures["cuda"] = cuda_latency(model, image_size, device, budget_s=budget_s) if device is not None else None
+    return figures
+
+
+def summary_values(figures: dict) -> dict:
+    """The W&B summary entries of the figures."""
+    values = {PARAMS: figures["params"], MACS: figures["macs"], CPU_B1_MS: figures["cpu"]["batch1"]["ms"],
+              CPU_B32_MS: figures["cpu"]["batch32"]["ms"]}
+    if figures.get("file_bytes"):
+        values[FILE_MB] = figures["file_bytes"] / 2**20
+    cuda = figures.get("cuda") or {}
+    if f"batch{CUDA_BATCH}" in cuda:
+        values[CUDA_B256_MS] = cuda[f"batch{CUDA_BATCH}"]["ms"]
+    return values
+
+
+def describe(figures: dict) -> str:
+    cpu = figures["cpu"]
+    text = (f"{figures['params'] / 1e6:.2f} M params, {figures['macs'] / 1e6:.1f} M MACs/image at "
+            f"{figures['image_size']} px, CPU ({cpu['threads']} threads) {cpu['batch1']['ms']:.2f} ms at batch 1, "
+            f"{cpu['batch32']['img_per_s']:.0f} img/s at batch 32")
+    cuda = figures.get("cuda") or {}
+    if f"batch{CUDA_BATCH}" in cuda:
+        text += f", CUDA bf16 {cuda[f'batch{CUDA_BATCH}']['img_per_s']:.0f} img/s at batch {CUDA_BATCH}"
+    return text
