@@ -113,12 +113,19 @@ def train_transform(dataset: str, image_size: int, mean, std) -> T.Compose:
     return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), T.Normalize(mean, std)])
 
 
-def eval_transform(dataset: str, image_size: int, mean, std) -> T.Compose:
+def eval_resize(dataset: str, image_size: int) -> int | None:
+    """The shorter side an image is resized to before the center crop of `image_size` (None: no resize)."""
     if dataset in ("cifar10", "cifar100"):
-        resize = [T.Resize(image_size)] if image_size != 32 else []
-    else:  # the standard ImageNet protocol: resize to size / 0.875, center-crop size
-        resize = [T.Resize(int(round(image_size / 0.875))), T.CenterCrop(image_size)]
-    return T.Compose([*resize, T.ToTensor(), T.Normalize(mean, std)])
+        return image_size if image_size != 32 else None
+    return int(round(image_size / 0.875))  # the standard ImageNet protocol: resize to size / 0.875, center-crop size
+
+
+def eval_transform(dataset: str, image_size: int, mean, std) -> T.Compose:
+    resize = eval_resize(dataset, image_size)
+    steps = [T.Resize(resize)] if resize else []
+    if resize and resize != image_size:
+        steps.append(T.CenterCrop(image_size))
+    return T.Compose([*steps, T.ToTensor(), T.Normalize(mean, std)])
 
 
 class CheckedImageFolder(tv_datasets.ImageFolder):
