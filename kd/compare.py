@@ -1,6 +1,10 @@
-"""Side-by-side summary of finished runs, read from their metrics.jsonl and config.json (no W&B needed).
+"""Side-by-side summary of finished runs, read from their metrics.jsonl, config.json and compression.json (no W&B
+needed), and what distillation gained: the student against its teacher in size, compute, speed and accuracy.
 
     python -m kd.compare runs/pipeline/teacher runs/pipeline/student runs/pipeline/distill
+    python -m kd.compare runs/pipeline/* --json        # one JSON object per run, per line, for scripts
+
+The teacher is a teacher run among the arguments, else the run dir of a distilled run's --teacher-checkpoint.
 """
 from __future__ import annotations
 
@@ -8,22 +12,109 @@ import argparse
 import json
 from pathlib import Path
 
-from kd.tracking import read_metrics
+from kd import footprint
+from kd.errors import UserError, user_errors
+from kd.tracking import METRICS_FILE, read_metrics
 
 
-def summarize(run_dir: Path) -> dict:
+def _footprint_fields(run_dir: Path) -> dict:
+    path = run_dir / footprint.FILE
+    if not path.is_file():  # a run from before compression figures, or one that has not finished
+        return {"params": None, "macs": None, "file_bytes": None, "cpu_b1_ms": None, "cpu_b32_ms": None,
+                "cpu_threads": None, "cpu": None, "cuda_b256_ms": None}
+    f = json.loads(path.read_text())
+    cuda = (f.get("cuda") or {}).get(f"batch{footprint.CUDA_BATCH}") or {}
+    return {"params": f["params"], "macs": f["macs"], "file_bytes": f.get("file_bytes"),
+            "cpu_b1_ms": f["cpu"]["batch1"]["ms"], "cpu_b32_ms": f["cpu"]["batch32"]["ms"],
+            "cpu_threads": f["cpu"]["threads"], "cpu": f["cpu"]["device"], "cuda_b256_ms": cuda.get("ms")}
+
+
+def load_run(run_dir: Path) -> dict:
+    """The numbers of one finished run: accuracy (best and final epoch) and its compression figures."""
+    run_dir = Path(run_dir)
+    if not (run_dir / "config.json").is_file() or not (run_dir / METRICS_FILE).is_file():
+        raise UserError(f"{run_dir} is not a run output dir (no config.json and {METRICS_FILE}): pass the "
+                        f"--output-dir of a train_teacher.py or distill.py run")
     config = json.loads((run_dir / "config.json").read_text())
     vals = [r for r in read_metrics(run_dir) if "val/acc1" in r]
     if not vals:
-        raise SystemExit(f"error: {run_dir} has no evaluated epoch yet")
+        raise UserError(f"{run_dir} has no evaluated epoch yet: wait for its first epoch, or leave it out")
     best = max(vals, key=lambda r: r["val/acc1"])
+    distill = config["job_type"] == "distill"
+    teacher_dir = None
+    if distill and config.get("teacher_checkpoint") not in (None, "none"):
+        teacher = Path(config["teacher_checkpoint"])
+        teacher_dir = str(teacher if teacher.is_dir() else teacher.parent)
     return {
-        "run": run_dir.name, "job": config["job_type"],
-        "arch": config.get("arch") or config.get("student_arch"),
-        "alpha/T": f"{config['alpha']}/{config['temperature']:g}" if config["job_type"] == "distill" else "-",
-        "epochs": vals[-1]["epoch"], "best acc1": f"{best['val/acc1']:.4f} (ep {best['epoch']})",
-        "final acc1": f"{vals[-1]['val/acc1']:.4f}", "final acc5": f"{vals[-1]['val/acc5']:.4f}",
-        "agreement": f"{vals[-1]['val/agreement']:.4f}" if "val/agreement" in vals[-1] else "-",
+        "run": str(run_dir), "name": run_dir.name, "job_type": config["job_type"],
+        "arch": config.get("arch") or config.get("student_arch"), "image_size": config.get("image_size"),
+        "alpha": config.get("alpha") if distill else None, "temperature": config.get("temperature") if distill else None,
+        "epochs": vals[-1]["epoch"], "best_acc1": best["val/acc1"], "best_epoch": best["epoch"],
+        "final_acc1": vals[-1]["val/acc1"], "final_acc5": vals[-1].get("val/acc5"),
+        "agreement": vals[-1].get("val/agreement"), "teacher_dir": teacher_dir, **_footprint_fields(run_dir),
+    }
+
+
+def ratios(student: dict, teacher: dict) -> dict:
+    """Teacher / student for size, compute and CPU latency (so > 1 means the student is smaller or faster); the
+    top-1 difference in points, of the shipped model_best.pt of each."""
+    def ratio(key):
+        return teacher[key] / student[key] if teacher.get(key) and student.get(key) else None
+    comparable = (teacher.get("cpu"), teacher.get("cpu_threads")) == (student.get("cpu"), student.get("cpu_threads"))
+    return {"teacher": teacher["run"], "params_ratio": ratio("params"), "macs_ratio": ratio("macs"),
+            "cpu_b1_speedup": ratio("cpu_b1_ms") if comparable else None,
+            "cpu_b32_speedup": ratio("cpu_b32_ms") if comparable else None,
+            "cuda_b256_speedup": ratio("cuda_b256_ms"),
+            "acc1_delta_pt": 100 * (student["best_acc1"] - teacher["best_acc1"]), "latency_comparable": comparable}
+
+
+def _times(value: float | None, word: str) -> str | None:
+    if value is None:
+        return None
+    return f"{value:.1f}× {word[0]}" if value >= 1 else f"{1 / value:.1f}× {word[1]}"
+
+
+def tradeoff_line(student: dict, vs: dict) -> str:
+    parts = [_times(vs["params_ratio"], ("fewer parameters", "more parameters")),
+             _times(vs["macs_ratio"], ("fewer MACs", "more MACs"))]
+    if vs["cpu_b1_speedup"] is not None:
+        parts.append(_times(vs["cpu_b1_speedup"], ("faster", "slower")) +
+                     f" on this CPU (batch 1, {student['cpu_threads']} threads)")
+    elif not vs["latency_comparable"]:
+        parts.append("latency not compared (measured on another CPU or thread count)")
+    parts.append(f"{vs['acc1_delta_pt']:+.1f}".replace("-", "−") + " pt top-1")
+    return ", ".join(p for p in parts if p)
+
+
+def _teacher_for(run: dict, runs: list[dict]) -> dict | None:
+    teachers = [r for r in runs if r["job_type"] == "teacher"]
+    if teachers:
+        return teachers[0]
+    candidates = [r["teacher_dir"] for r in runs if r.get("teacher_dir")]
+    for path in ([run["teacher_dir"]] if run.get("teacher_dir") else []) + candidates:
+        try:
+            return load_run(Path(path))
+        except UserError:
+            continue
+    return None
+
+
+def _millions(n) -> str:
+    return "-" if n is None else f"{n / 1e6:.2f} M"
+
+
+def table_row(r: dict) -> dict:
+    return {
+        "run": r["name"], "job": r["job_type"], "arch": r["arch"],
+        "alpha/T": f"{r['alpha']}/{r['temperature']:g}" if r["job_type"] == "distill" else "-",
+        "epochs": r["epochs"], "best acc1": f"{r['best_acc1']:.4f} (ep {r['best_epoch']})",
+        "final acc1": f"{r['final_acc1']:.4f}",
+        "final acc5": "-" if r["final_acc5"] is None else f"{r['final_acc5']:.4f}",
+        "agreement": "-" if r["agreement"] is None else f"{r['agreement']:.4f}",
+        "params": _millions(r["params"]), "MACs": _millions(r["macs"]),
+        "file": "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f} MiB",
+        "CPU b1": "-" if r["cpu_b1_ms"] is None else f"{r['cpu_b1_ms']:.1f} ms",
+        "CPU b32": "-" if r["cpu_b32_ms"] is None else f"{32000 / r['cpu_b32_ms']:.0f} img/s",
     }
 
 
@@ -35,11 +126,32 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def main(argv=None) -> None:
+def compare(run_dirs: list[Path]) -> list[dict]:
+    runs = [load_run(d) for d in run_dirs]
+    for run in runs:
+        teacher = _teacher_for(run, runs) if run["job_type"] != "teacher" else None
+        run["vs_teacher"] = ratios(run, teacher) if teacher else None
+    return runs
+
+
+def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run_dirs", nargs="+", type=Path, help="output dirs of train_teacher.py / distill.py runs")
+    parser.add_argument("--json", action="store_true", help="print one JSON object per run (one per line)")
     args = parser.parse_args(argv)
-    print(format_table([summarize(d) for d in args.run_dirs]))
+    with user_errors():
+        runs = compare(args.run_dirs)
+    if args.json:
+        for run in runs:
+            print(json.dumps(run))
+        return runs
+    print(format_table([table_row(r) for r in runs]))
+    lines = [f"{r['name']} vs teacher {Path(r['vs_teacher']['teacher']).name}: {tradeoff_line(r, r['vs_teacher'])}"
+             for r in runs if r["vs_teacher"]]
+    if lines:
+        print("\nMACs per image (FLOPs / 2, torch.utils.flop_counter); top-1 of each run's model_best.pt\n" +
+              "\n".join(lines))
+    return runs
 
 
 if __name__ == "__main__":
