@@ -26,7 +26,8 @@ def _footprint_fields(run_dir: Path) -> dict:
     cuda = (f.get("cuda") or {}).get(f"batch{footprint.CUDA_BATCH}") or {}
     return {"params": f["params"], "macs": f["macs"], "file_bytes": f.get("file_bytes"),
             "cpu_b1_ms": f["cpu"]["batch1"]["ms"], "cpu_b32_ms": f["cpu"]["batch32"]["ms"],
-            "cpu_threads": f["cpu"]["threads"], "cpu": f["cpu"]["device"], "cuda_b256_ms": cuda.get("ms")}
+            "cpu_threads": f["cpu"]["threads"], "cpu": footprint.summary_values(f)[footprint.CPU],
+            "cuda_b256_ms": cuda.get("ms")}
 
 
 def load_run(run_dir: Path) -> dict:
@@ -55,35 +56,11 @@ def load_run(run_dir: Path) -> dict:
     }
 
 
-def ratios(student: dict, teacher: dict) -> dict:
-    """Teacher / student for size, compute and CPU latency (so > 1 means the student is smaller or faster); the
-    top-1 difference in points, of the shipped model_best.pt of each."""
-    def ratio(key):
-        return teacher[key] / student[key] if teacher.get(key) and student.get(key) else None
-    comparable = (teacher.get("cpu"), teacher.get("cpu_threads")) == (student.get("cpu"), student.get("cpu_threads"))
-    return {"teacher": teacher["run"], "params_ratio": ratio("params"), "macs_ratio": ratio("macs"),
-            "cpu_b1_speedup": ratio("cpu_b1_ms") if comparable else None,
-            "cpu_b32_speedup": ratio("cpu_b32_ms") if comparable else None,
-            "cuda_b256_speedup": ratio("cuda_b256_ms"),
-            "acc1_delta_pt": 100 * (student["best_acc1"] - teacher["best_acc1"]), "latency_comparable": comparable}
-
-
-def _times(value: float | None, word: str) -> str | None:
-    if value is None:
-        return None
-    return f"{value:.1f}× {word[0]}" if value >= 1 else f"{1 / value:.1f}× {word[1]}"
-
-
-def tradeoff_line(student: dict, vs: dict) -> str:
-    parts = [_times(vs["params_ratio"], ("fewer parameters", "more parameters")),
-             _times(vs["macs_ratio"], ("fewer MACs", "more MACs"))]
-    if vs["cpu_b1_speedup"] is not None:
-        parts.append(_times(vs["cpu_b1_speedup"], ("faster", "slower")) +
-                     f" on this CPU (batch 1, {student['cpu_threads']} threads)")
-    elif not vs["latency_comparable"]:
-        parts.append("latency not compared (measured on another CPU or thread count)")
-    parts.append(f"{vs['acc1_delta_pt']:+.1f}".replace("-", "−") + " pt top-1")
-    return ", ".join(p for p in parts if p)
+def versus(student: dict, teacher: dict) -> dict:
+    """The student against the teacher: footprint.ratios plus the top-1 difference in points, of the shipped
+    model_best.pt of each."""
+    return {"teacher": teacher["run"], **footprint.ratios(student, teacher),
+            "acc1_delta_pt": 100 * (student["best_acc1"] - teacher["best_acc1"])}
 
 
 def _teacher_for(run: dict, runs: list[dict]) -> dict | None:
@@ -130,7 +107,7 @@ def compare(run_dirs: list[Path]) -> list[dict]:
     runs = [load_run(d) for d in run_dirs]
     for run in runs:
         teacher = _teacher_for(run, runs) if run["job_type"] != "teacher" else None
-        run["vs_teacher"] = ratios(run, teacher) if teacher else None
+        run["vs_teacher"] = versus(run, teacher) if teacher else None
     return runs
 
 
@@ -146,7 +123,8 @@ def main(argv=None) -> list[dict]:
             print(json.dumps(run))
         return runs
     print(format_table([table_row(r) for r in runs]))
-    lines = [f"{r['name']} vs teacher {Path(r['vs_teacher']['teacher']).name}: {tradeoff_line(r, r['vs_teacher'])}"
+    lines = [f"{r['name']} vs teacher {Path(r['vs_teacher']['teacher']).name}: "
+             f"{footprint.tradeoff_line(r['vs_teacher'], r['cpu'], r['vs_teacher']['acc1_delta_pt'])}"
              for r in runs if r["vs_teacher"]]
     if lines:
         print("\nMACs per image (FLOPs / 2, torch.utils.flop_counter); top-1 of each run's model_best.pt\n" +

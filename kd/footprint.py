@@ -22,8 +22,8 @@ CPU_BATCHES = (1, 32)
 CUDA_BATCH = 256
 # W&B summary keys (the rest of the figures are in compression.json).
 PARAMS, MACS, FILE_MB = "compression/params", "compression/macs", "compression/file_mb"
-CPU_B1_MS, CPU_B32_MS, CUDA_B256_MS = ("compression/cpu_b1_ms", "compression/cpu_b32_ms",
-                                       "compression/cuda_b256_bf16_ms")
+CPU, CPU_B1_MS, CPU_B32_MS = "compression/cpu", "compression/cpu_b1_ms", "compression/cpu_b32_ms"
+CUDA_B256_MS = "compression/cuda_b256_bf16_ms"
 
 
 def count_params(model: nn.Module) -> int:
@@ -126,8 +126,9 @@ def measure(model: nn.Module, image_size: int, model_file: Path | None = None,
 
 def summary_values(figures: dict) -> dict:
     """The W&B summary entries of the figures."""
-    values = {PARAMS: figures["params"], MACS: figures["macs"], CPU_B1_MS: figures["cpu"]["batch1"]["ms"],
-              CPU_B32_MS: figures["cpu"]["batch32"]["ms"]}
+    cpu = figures["cpu"]
+    values = {PARAMS: figures["params"], MACS: figures["macs"], CPU: f"{cpu['device']}, {cpu['threads']} threads",
+              CPU_B1_MS: cpu["batch1"]["ms"], CPU_B32_MS: cpu["batch32"]["ms"]}
     if figures.get("file_bytes"):
         values[FILE_MB] = figures["file_bytes"] / 2**20
     cuda = figures.get("cuda") or {}
@@ -145,3 +146,33 @@ def describe(figures: dict) -> str:
     if f"batch{CUDA_BATCH}" in cuda:
         text += f", CUDA bf16 {cuda[f'batch{CUDA_BATCH}']['img_per_s']:.0f} img/s at batch {CUDA_BATCH}"
     return text
+
+
+def ratios(student: dict, teacher: dict) -> dict:
+    """Teacher / student of params, macs and latency (ms) in two records holding those keys, so > 1 means the
+    student is smaller or faster. Latencies are compared only when measured on the same `cpu` (name and threads)."""
+    def ratio(key):
+        return teacher[key] / student[key] if teacher.get(key) and student.get(key) else None
+    same_cpu = teacher.get("cpu") == student.get("cpu")
+    return {"params_ratio": ratio("params"), "macs_ratio": ratio("macs"),
+            "cpu_b1_speedup": ratio("cpu_b1_ms") if same_cpu else None,
+            "cpu_b32_speedup": ratio("cpu_b32_ms") if same_cpu else None,
+            "cuda_b256_speedup": ratio("cuda_b256_ms"), "latency_comparable": same_cpu}
+
+
+def _times(value: float | None, better: str, worse: str) -> str | None:
+    if value is None:
+        return None
+    return f"{value:.1f}× {better}" if value >= 1 else f"{1 / value:.1f}× {worse}"
+
+
+def tradeoff_line(vs: dict, cpu: str | None, acc1_delta_pt: float) -> str:
+    """'3.8× fewer parameters, 4.3× fewer MACs, 3.1× faster on this CPU (...), −1.2 pt top-1'."""
+    parts = [_times(vs["params_ratio"], "fewer parameters", "more parameters"),
+             _times(vs["macs_ratio"], "fewer MACs", "more MACs")]
+    if vs["cpu_b1_speedup"] is not None:
+        parts.append(_times(vs["cpu_b1_speedup"], "faster", "slower") + f" on this CPU (batch 1, {cpu})")
+    elif not vs["latency_comparable"]:
+        parts.append("latency not compared (measured on another CPU or thread count)")
+    parts.append(f"{acc1_delta_pt:+.1f}".replace("-", "−") + " pt top-1")
+    return ", ".join(p for p in parts if p)

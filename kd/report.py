@@ -20,12 +20,14 @@ from pathlib import Path
 import numpy as np
 
 from kd import runs as naming
+from kd import footprint
 from kd.errors import UserError, user_errors
 from kd.tracking import read_metrics, wandb_logged_in
 
 
 # ---------------------------------------------------------------- reading runs
-def _run_record(name: str, config: dict, records: list[dict]) -> dict | None:
+def _run_record(name: str, config: dict, records: list[dict], figures: dict | None = None) -> dict | None:
+    """`figures`: the run's compression figures as W&B summary values (footprint.summary_values), if measured."""
     vals = [r for r in records if "val/acc1" in r]
     if not vals:
         return None
@@ -40,6 +42,8 @@ def _run_record(name: str, config: dict, records: list[dict]) -> dict | None:
         "teacher_acc1": next((r["teacher/val_acc1"] for r in records if "teacher/val_acc1" in r), None),
         "wall_seconds": (max(times) - min(times)) if times else None,
         "config": {k: v for k, v in config.items() if k in naming._flag_names()},  # what kd.runs groups by
+        "params": (figures or {}).get(footprint.PARAMS), "macs": (figures or {}).get(footprint.MACS),
+        "cpu_b1_ms": (figures or {}).get(footprint.CPU_B1_MS), "cpu": (figures or {}).get(footprint.CPU),
     }
 
 
@@ -49,7 +53,9 @@ def load_local_runs(root: Path) -> list[dict]:
         run_dir = config_file.parent
         if not (run_dir / "metrics.jsonl").exists():
             continue
-        run = _run_record(run_dir.name, json.loads(config_file.read_text()), read_metrics(run_dir))
+        figures_file = run_dir / footprint.FILE
+        figures = footprint.summary_values(json.loads(figures_file.read_text())) if figures_file.is_file() else None
+        run = _run_record(run_dir.name, json.loads(config_file.read_text()), read_metrics(run_dir), figures)
         if run:
             runs.append(run)
     if not runs:
@@ -73,7 +79,9 @@ def load_wandb_runs(group: str, project: str, entity: str | None) -> list[dict]:
     for r in found:
         records = [{k: v for k, v in row.items() if v is not None} for row in r.scan_history(keys=None)]
         records = [{**row, "time": row.get("_timestamp")} for row in records if set(row) & set(keys)]
-        run = _run_record(r.name, {**r.config, "job_type": r.config.get("job_type", r.job_type)}, records)
+        figures = {k: v for k, v in dict(r.summary).items() if k.startswith("compression/")}
+        run = _run_record(r.name, {**r.config, "job_type": r.config.get("job_type", r.job_type)}, records,
+                          figures or None)
         if run:
             runs.append(run)
     if not runs:
@@ -177,7 +185,40 @@ def summarize(runs: list[dict]) -> dict:
         "axes": [k for k in varying if k not in ("seed",)],
         "epochs": max(r["epochs"][-1] for r in runs), "rows": rows,
         "wall_hours": sum(r["wall_seconds"] or 0 for r in runs) / 3600,
+        "tradeoff": trade_off({"teacher": teachers[:1], **run_groups(runs, rows)}),
     }
+
+
+def run_groups(runs: list[dict], rows: list[dict]) -> dict[str, list[dict]]:
+    """Label -> runs of the summary's rows: each student-only baseline and each distilled setting (seeds
+    together), in the rows' order."""
+    by_name = {r["name"]: r for r in runs}
+    groups = {}
+    for row in rows:
+        shared = naming.label(row["shared"])
+        groups.setdefault(f"student-only {shared}".strip(), [by_name[n] for n in row["baseline_runs"]])
+        groups[f"distilled {row['label']}"] = [by_name[n] for n in row["runs"]]
+    return groups
+
+
+def trade_off(groups: dict[str, list[dict]]) -> list[dict]:
+    """Per group with compression figures: size, compute, median CPU latency over its seeds, final top-1, and the
+    ratios against the teacher (when the teacher was measured)."""
+    entries = []
+    for label, members in groups.items():
+        measured = [r for r in members if r["params"] is not None]
+        if not measured:
+            continue
+        entries.append({"label": label, "arch": measured[0]["arch"], "params": measured[0]["params"],
+                        "macs": measured[0]["macs"], "cpu": measured[0]["cpu"],
+                        "cpu_b1_ms": float(np.median([r["cpu_b1_ms"] for r in measured])),
+                        "acc1_final": _stats([r["acc1"][-1] for r in members])})
+    teacher = next((e for e in entries if e["label"] == "teacher"), None)
+    for entry in entries:
+        entry["vs_teacher"] = None if teacher is None or entry is teacher else {
+            **footprint.ratios(entry, teacher),
+            "acc1_delta_pt": 100 * (entry["acc1_final"]["mean"] - teacher["acc1_final"]["mean"])}
+    return entries
 
 
 # ---------------------------------------------------------------- output
@@ -243,6 +284,23 @@ def verdict(summary: dict) -> list[str]:
     return lines
 
 
+def tradeoff_table(summary: dict) -> str:
+    """What the student costs against its teacher; empty when no run holds compression figures."""
+    entries = summary.get("tradeoff") or []
+    if not entries:
+        return ""
+    lines = ["| model | arch | params | MACs/image | CPU batch 1 | final top-1 | vs teacher |", "|" + "---|" * 7]
+    for e in entries:
+        vs = e["vs_teacher"]
+        versus = footprint.tradeoff_line(vs, e["cpu"], vs["acc1_delta_pt"]) if vs else "-"
+        lines.append(f"| {e['label']} | {e['arch']} | {e['params'] / 1e6:.2f} M | {e['macs'] / 1e6:.1f} M "
+                     f"| {e['cpu_b1_ms']:.2f} ms | {_pm(e['acc1_final'])} (n={e['acc1_final']['n']}) | {versus} |")
+    lines += ["", f"MACs: multiply-accumulates per image at {summary['image_size']} px (torch.utils.flop_counter "
+              f"FLOPs / 2). CPU batch 1: median latency of a float32 forward on {entries[0]['cpu']} (the median over "
+              "seeds). Top-1 in %, mean ± std over seeds."]
+    return "\n".join(lines)
+
+
 def _mean_band(runs: list[dict], key: str):
     length = min(len(r[key]) for r in runs)
     values = np.array([[np.nan if v is None else v for v in r[key][:length]] for r in runs], float)
@@ -255,12 +313,7 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by_name = {r["name"]: r for r in runs}
-    groups = {}
-    for row in summary["rows"]:
-        shared = naming.label(row["shared"])
-        groups.setdefault(f"student-only {shared}".strip(), [by_name[n] for n in row["baseline_runs"]])
-        groups[f"distilled {row['label']}"] = [by_name[n] for n in row["runs"]]
+    groups = run_groups(runs, summary["rows"])
 
     def save(fig, name: str) -> str:
         fig.tight_layout()
@@ -310,6 +363,8 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     distilled = {label: members for label, members in groups.items() if label != "student-only"}
     files.append(save(band_plot("agreement", distilled, "Teacher–student top-1 agreement on val",
                                 "agreement with teacher (%)", False), "agreement.png"))
+    if summary.get("tradeoff"):
+        files.append(save(tradeoff_plot(summary["tradeoff"], plt), "tradeoff.png"))
     return files
 
 
@@ -332,6 +387,16 @@ def _fraction_plot(plt, summary: dict):
     ax.set_xscale("log")
     ax.set(xlabel="training labels (%)", ylabel="final val top-1 (%)",
            title="Student-only vs distilled by label fraction (mean ± std over seeds)")
+def tradeoff_plot(entries: list[dict], plt):
+    """Accuracy against CPU latency, one point per group, seeds as error bars: up and left is better."""
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for e in entries:
+        acc = e["acc1_final"]
+        ax.errorbar(e["cpu_b1_ms"], 100 * acc["mean"], yerr=100 * acc["std"], fmt="o", capsize=4,
+                    label=f"{e['label']}: {e['arch']}, {e['params'] / 1e6:.2f} M params (n={acc['n']})")
+    ax.set_xscale("log")
+    ax.set(xlabel=f"CPU latency, batch 1 (ms, log scale; {entries[0]['cpu']})", ylabel="final val top-1 (%)",
+           title="Accuracy vs latency (error bars: std over seeds)")
     ax.legend(fontsize=8)
     ax.grid(alpha=0.3, which="both")
     return fig
@@ -347,6 +412,8 @@ def write_markdown(summary: dict, plots: list[str], source: str, out: Path) -> P
         f"{summary['student_arch']} alone (seeds {summary['student_seeds']}) and distilled. {teacher_line} "
         f"Training time of all runs together: {summary['wall_hours']:.2f} h.", "",
         "## Takeaway", "", takeaway_table(summary), "", *[f"- {line}" for line in verdict(summary)], "",
+        "## Takeaway", "", takeaway_table(summary), "",
+        *(["## What the student costs", "", tradeoff_table(summary), ""] if summary.get("tradeoff") else []),
         "## Plots", "",
         *[f"![{name[:-4]}]({name})\n" for name in plots],
     ]
@@ -422,6 +489,8 @@ def main(argv=None) -> dict:
         path = write_markdown(summary, plots, args.source, out)
         print(takeaway_table(summary))
         print("", *verdict(summary), sep="\n")
+        if summary.get("tradeoff"):
+            print("\n" + tradeoff_table(summary))
         print(f"\nreport: {path}")
         if not args.no_publish:
             group = args.wandb_group or (Path(args.source).name if local else args.source)
