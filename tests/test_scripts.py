@@ -2,11 +2,14 @@
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
 
 from conftest import TINY, run_script, traceback_from_kd
+from kd import footprint
 from kd.checkpoint import load_model_file
 from kd.tracking import read_metrics
 from wandb_reader import offline_runs, read_run
@@ -60,6 +63,9 @@ def test_teacher_wandb_offline_run(teacher_dir):
     keys = set().union(*run["history"])
     assert TRAIN_KEYS | VAL_KEYS | {"train/epoch_loss"} <= keys
     assert run["summary"]["best/val_acc1"] == pytest.approx(max(r["val/acc1"] for r in val_records(teacher_dir)))
+    figures = json.loads((teacher_dir / "compression.json").read_text())
+    assert run["summary"]["compression/params"] == figures["params"] and run["summary"]["compression/macs"] > 0
+    assert run["summary"]["compression/cpu_b1_ms"] == pytest.approx(figures["cpu"]["batch1"]["ms"])
 
 
 def test_distill_ddp(teacher_dir, jpeg_folder, tmp_path):
@@ -80,6 +86,15 @@ def test_distill_ddp(teacher_dir, jpeg_folder, tmp_path):
     assert (out / "model_best.pt").is_file() and (out / "checkpoints" / "epoch_0002").is_dir()
     # the student file holds the student only, never the teacher's weights
     assert load_model_file(out)[1]["job_type"] == "distill"
+    # kd.compare --json on the two real runs: the figures measured at the end of each, the student against its teacher
+    proc = subprocess.run([sys.executable, "-m", "kd.compare", str(teacher_dir), str(out), "--json"],
+                          capture_output=True, text=True, check=True, timeout=300)
+    teacher, student = map(json.loads, proc.stdout.splitlines())
+    model = load_model_file(out)[0]
+    assert student["params"] == sum(p.numel() for p in model.parameters()) == teacher["params"]  # both resnet8
+    assert student["macs"] == footprint.count_macs(model, 32) and student["file_bytes"] == (out / "model_best.pt").stat().st_size
+    assert student["cpu_b1_ms"] > 0 and teacher["vs_teacher"] is None
+    assert student["vs_teacher"]["teacher"] == str(teacher_dir) and student["vs_teacher"]["params_ratio"] == 1.0
 
 
 def test_resume_continues_from_saved_epoch(jpeg_folder, tmp_path):
