@@ -181,3 +181,44 @@ def tradeoff_line(vs: dict, cpu: str | None, acc1_delta_pt: float) -> str:
         parts.append("latency not compared (measured on another CPU or thread count)")
     parts.append(f"{acc1_delta_pt:+.1f}".replace("-", "−") + " pt top-1")
     return ", ".join(p for p in parts if p)
+
+
+def main(argv=None) -> list[dict]:
+    """python -m kd.footprint MODEL... : measure model files (or run dirs) again, e.g. on the CPU you deploy to;
+    --arch NAME...: untrained models of those architectures (speed does not depend on the weights)."""
+    import argparse
+    import json
+
+    from kd.checkpoint import load_model_file, resolve_model_path
+    from kd.errors import UserError, user_errors
+    from kd.models import build_model
+
+    parser = argparse.ArgumentParser(prog="python -m kd.footprint", description=main.__doc__)
+    parser.add_argument("models", nargs="*", help="kd model files or run output dirs")
+    parser.add_argument("--arch", nargs="+", default=[], help="architectures to measure untrained")
+    parser.add_argument("--image-size", type=int, default=128, help="input side for --arch, px (default: 128)")
+    parser.add_argument("--num-classes", type=int, default=10, help="classes for --arch (default: 10)")
+    parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed forwards per batch size "
+                        "(default: 5)")
+    parser.add_argument("--json", action="store_true", help="one JSON object per model and line")
+    args = parser.parse_args(argv)
+    results = []
+    with user_errors():
+        if not args.models and not args.arch:
+            raise UserError("nothing to measure: pass model files or run dirs, or --arch NAME")
+        for spec in args.models:
+            path = resolve_model_path(spec)
+            model, meta = load_model_file(path)
+            results.append({"model": str(path), "arch": meta["arch"],
+                            **measure(model, meta["image_size"], path, torch.device("cpu"), args.budget)})
+        for arch in args.arch:
+            model = build_model(arch, args.num_classes)
+            results.append({"model": None, "arch": arch,
+                            **measure(model, args.image_size, None, torch.device("cpu"), args.budget)})
+    for r in results:
+        print(json.dumps(r) if args.json else f"{r['model'] or r['arch']}: {describe(r)}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -114,3 +114,14 @@ def test_compare_without_a_run_is_one_line(tmp_path, capsys):
         compare.main([str(tmp_path / "empty")])
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.count("\n") == 1 and "is not a run output dir" in err
+
+
+def test_command_measures_a_model_file_and_an_arch(tmp_path, capsys):
+    model = build_model("resnet8", 3)
+    save_model_file(tmp_path / "model_best.pt", model.state_dict(), {"arch": "resnet8", "num_classes": 3,
+                                                                     "image_size": 32})
+    results = footprint.main([str(tmp_path), "--arch", "resnet8", "--image-size", "32", "--num-classes", "3",
+                              "--budget", "0.1", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [r["arch"] for r in lines] == ["resnet8", "resnet8"] and lines[0]["model"] == str(tmp_path / "model_best.pt")
+    assert lines[0]["params"] == lines[1]["params"] == results[1]["params"] and lines[0]["macs"] == lines[1]["macs"]
