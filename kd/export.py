@@ -51,6 +51,7 @@ def export_metadata(meta: dict) -> dict:
         "output": f"{OUTPUT}: float32 N x {meta['num_classes']}, unnormalized class scores",
         "job_type": meta.get("job_type"), "dataset": meta.get("dataset"), "val_acc1": meta.get("val_acc1"),
         "epoch": meta.get("epoch"), "head": meta.get("head"),
+        "model": meta.get("model"),  # the recorded constructor (family, name, kwargs), when the model file has one
     }
 
 

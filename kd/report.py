@@ -79,7 +79,7 @@ def load_wandb_runs(group: str, project: str, entity: str | None) -> list[dict]:
     for r in found:
         records = [{k: v for k, v in row.items() if v is not None} for row in r.scan_history(keys=None)]
         records = [{**row, "time": row.get("_timestamp")} for row in records if set(row) & set(keys)]
-        figures = {k: v for k, v in dict(r.summary).items() if k.startswith("compression/")}
+        figures = {k: v for k, v in r.summary_metrics.items() if k.startswith("compression/")}
         run = _run_record(r.name, {**r.config, "job_type": r.config.get("job_type", r.job_type)}, records,
                           figures or None)
         if run:
