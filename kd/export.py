@@ -18,6 +18,7 @@ import contextlib
 import copy
 import io
 import json
+import os
 import re
 import tempfile
 import warnings
@@ -170,6 +171,9 @@ def _write(out: Path, save) -> None:
     tmp = out.with_name(f".{out.name}.tmp")
     try:
         save(tmp)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # safetensors writes owner-only files; the others follow the umask
         tmp.replace(out)
     finally:
         tmp.unlink(missing_ok=True)
@@ -193,6 +197,9 @@ def export(model_file: str | Path, fmt: str, out: str | Path) -> dict:
     source = resolve_model_path(model_file)
     model, meta = load_model_file(source)
     out = Path(out).expanduser()
+    if out.resolve() == source.resolve():
+        raise UserError(f"--out {out} is the model file itself: pass another path (an export never replaces its "
+                        f"source)")
     _check_writable(out)
     max_diff = EXPORTERS[fmt](model, meta, out)
     return {"format": fmt, "source": str(source), "out": str(out), "bytes": out.stat().st_size,

@@ -164,13 +164,14 @@ def test_bad_inputs_are_one_line(cnn_file, tmp_path, capsys):
     cases = {(tmp_path / "notes.txt", tmp_path / "a.ts"): "not a kd model file",
              (tmp_path / "missing.pt", tmp_path / "a.ts"): "does not exist",
              (cnn_file, tmp_path / "notes.txt" / "a.ts"): "cannot be written",
-             (cnn_file, tmp_path): "is a folder"}
+             (cnn_file, tmp_path): "is a folder", (cnn_file, cnn_file): "is the model file itself"}
     for (model, out), message in cases.items():
         with pytest.raises(SystemExit) as exit_info:
             export.main([str(model), "--format", "torchscript", "--out", str(out)])
         err = capsys.readouterr().err
         assert exit_info.value.code == 2 and err.startswith("error: ") and err.count("\n") == 1 and message in err
     assert (tmp_path / "notes.txt").read_text() == "not a model"  # nothing already there is lost
+    assert load_model_file(cnn_file)[1]["arch"] == "resnet8"
 
 
 class Eigen(torch.nn.Module):
