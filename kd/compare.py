@@ -76,8 +76,8 @@ def _teacher_for(run: dict, runs: list[dict]) -> dict | None:
     return None
 
 
-def _millions(n) -> str:
-    return "-" if n is None else f"{n / 1e6:.2f} M"
+def _count(n) -> str:
+    return "-" if n is None else footprint.count_text(n)
 
 
 def table_row(r: dict) -> dict:
@@ -88,7 +88,7 @@ def table_row(r: dict) -> dict:
         "final acc1": f"{r['final_acc1']:.4f}",
         "final acc5": "-" if r["final_acc5"] is None else f"{r['final_acc5']:.4f}",
         "agreement": "-" if r["agreement"] is None else f"{r['agreement']:.4f}",
-        "params": _millions(r["params"]), "MACs": _millions(r["macs"]),
+        "params": _count(r["params"]), "MACs": _count(r["macs"]),
         "file": "-" if r["file_bytes"] is None else f"{r['file_bytes'] / 2**20:.1f} MiB",
         "CPU b1": "-" if r["cpu_b1_ms"] is None else f"{r['cpu_b1_ms']:.1f} ms",
         "CPU b32": "-" if r["cpu_b32_ms"] is None else f"{32000 / r['cpu_b32_ms']:.0f} img/s",

@@ -142,9 +142,14 @@ def summary_values(figures: dict) -> dict:
     return values
 
 
+def count_text(n: float) -> str:
+    """12.5 M, 2.55 G: parameter and MAC counts as people quote them."""
+    return f"{n / 1e9:.2f} G" if n >= 1e9 else f"{n / 1e6:.2f} M"
+
+
 def describe(figures: dict) -> str:
     cpu = figures["cpu"]
-    text = (f"{figures['params'] / 1e6:.2f} M params, {figures['macs'] / 1e6:.1f} M MACs/image at "
+    text = (f"{count_text(figures['params'])} params, {count_text(figures['macs'])} MACs/image at "
             f"{figures['image_size']} px, CPU ({cpu['threads']} threads) {cpu['batch1']['ms']:.2f} ms at batch 1, "
             f"{cpu['batch32']['img_per_s']:.0f} img/s at batch 32")
     cuda = figures.get("cuda") or {}

@@ -293,7 +293,7 @@ def tradeoff_table(summary: dict) -> str:
     for e in entries:
         vs = e["vs_teacher"]
         versus = footprint.tradeoff_line(vs, e["cpu"], vs["acc1_delta_pt"]) if vs else "-"
-        lines.append(f"| {e['label']} | {e['arch']} | {e['params'] / 1e6:.2f} M | {e['macs'] / 1e6:.1f} M "
+        lines.append(f"| {e['label']} | {e['arch']} | {footprint.count_text(e['params'])} | {footprint.count_text(e['macs'])} "
                      f"| {e['cpu_b1_ms']:.2f} ms | {_pm(e['acc1_final'])} (n={e['acc1_final']['n']}) | {versus} |")
     lines += ["", f"MACs: multiply-accumulates per image at {summary['image_size']} px (torch.utils.flop_counter "
               f"FLOPs / 2). CPU batch 1: median latency of a float32 forward on {entries[0]['cpu']} (the median over "
@@ -389,12 +389,16 @@ def _fraction_plot(plt, summary: dict):
            title="Student-only vs distilled by label fraction (mean ± std over seeds)")
 def tradeoff_plot(entries: list[dict], plt):
     """Accuracy against CPU latency, one point per group, seeds as error bars: up and left is better."""
+    from matplotlib.ticker import ScalarFormatter
+
     fig, ax = plt.subplots(figsize=(7, 4.5))
     for e in entries:
         acc = e["acc1_final"]
         ax.errorbar(e["cpu_b1_ms"], 100 * acc["mean"], yerr=100 * acc["std"], fmt="o", capsize=4,
                     label=f"{e['label']}: {e['arch']}, {e['params'] / 1e6:.2f} M params (n={acc['n']})")
     ax.set_xscale("log")
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.xaxis.set_minor_formatter(ScalarFormatter())
     ax.set(xlabel=f"CPU latency, batch 1 (ms, log scale; {entries[0]['cpu']})", ylabel="final val top-1 (%)",
            title="Accuracy vs latency (error bars: std over seeds)")
     ax.legend(fontsize=8)
