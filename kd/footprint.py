@@ -188,6 +188,16 @@ def tradeoff_line(vs: dict, cpu: str | None, acc1_delta_pt: float) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def save(run_dir: Path, figures: dict) -> Path:
+    """Writes <run_dir>/compression.json atomically (a reader never sees half a file)."""
+    import json
+
+    path, tmp = Path(run_dir) / FILE, Path(run_dir) / f".{FILE}.tmp"
+    tmp.write_text(json.dumps(figures, indent=2) + "\n")
+    tmp.replace(path)
+    return path
+
+
 def main(argv=None) -> list[dict]:
     """python -m kd.footprint MODEL... : measure model files (or run dirs) again, e.g. on the CPU you deploy to;
     --arch NAME...: untrained models of those architectures (speed does not depend on the weights)."""
@@ -206,6 +216,8 @@ def main(argv=None) -> list[dict]:
     parser.add_argument("--budget", type=float, default=5.0, help="seconds of timed forwards per batch size "
                         "(default: 5)")
     parser.add_argument("--json", action="store_true", help="one JSON object per model and line")
+    parser.add_argument("--save", action="store_true", help="write each model file's figures to compression.json "
+                        "beside it, replacing the training machine's (kd.compare and kd.report read them)")
     args = parser.parse_args(argv)
     results = []
     with user_errors():
@@ -214,8 +226,10 @@ def main(argv=None) -> list[dict]:
         for spec in args.models:
             path = resolve_model_path(spec)
             model, meta = load_model_file(path)
-            results.append({"model": str(path), "arch": meta["arch"],
-                            **measure(model, meta["image_size"], path, torch.device("cpu"), args.budget)})
+            figures = {"model": path.name, **measure(model, meta["image_size"], path, torch.device("cpu"), args.budget)}
+            if args.save:
+                save(path.parent, figures)
+            results.append({**figures, "model": str(path), "arch": meta["arch"]})
         for arch in args.arch:
             model = build_model(arch, args.num_classes)
             results.append({"model": None, "arch": arch,

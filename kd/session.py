@@ -30,7 +30,7 @@ from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memor
 from kd.config import validate
 from kd.data import DataBundle, TrainSubset, build_datasets, default_image_size, whole
 from kd.engine import Objective, Trainer, evaluate
-from kd.errors import UserError
+from kd.errors import UserError, warn
 from kd.optim import build_optimizer, is_fused, warmup_cosine
 from kd.packed import PackedDataset, packed_bundle
 from kd.signals import StopRequest, Stopped, ignore_stop_signals
@@ -287,13 +287,16 @@ class Session:
         acc = self.accelerator
         if acc.is_main_process:
             path = resolve_model_path(self.output_dir)
-            model, meta = load_model_file(path)
-            figures = {"model": path.name, **footprint.measure(model, meta["image_size"], path, acc.device)}
-            tmp = self.output_dir / f".{footprint.FILE}.tmp"
-            tmp.write_text(json.dumps(figures, indent=2) + "\n")
-            tmp.replace(self.output_dir / footprint.FILE)
-            tracker.summary(footprint.summary_values(figures))
-            self.print(f"footprint of {path.name}: {footprint.describe(figures)}")
+            try:
+                model, meta = load_model_file(path)
+                figures = {"model": path.name, **footprint.measure(model, meta["image_size"], path, acc.device)}
+            except Exception as exc:  # noqa: BLE001 - a finished run must not fail on its epilogue
+                warn(f"could not measure {path.name} ({exc.__class__.__name__}: {exc}); the run is complete, "
+                     f"measure it later with python -m kd.footprint {self.output_dir} --save")
+            else:
+                footprint.save(self.output_dir, figures)
+                tracker.summary(footprint.summary_values(figures))
+                self.print(f"footprint of {path.name}: {footprint.describe(figures)}")
         acc.wait_for_everyone()
 
     def _summarize(self, state: TrainState, final: dict, trainer: Trainer) -> dict:

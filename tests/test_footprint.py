@@ -121,7 +121,9 @@ def test_command_measures_a_model_file_and_an_arch(tmp_path, capsys):
     save_model_file(tmp_path / "model_best.pt", model.state_dict(), {"arch": "resnet8", "num_classes": 3,
                                                                      "image_size": 32})
     results = footprint.main([str(tmp_path), "--arch", "resnet8", "--image-size", "32", "--num-classes", "3",
-                              "--budget", "0.1", "--json"])
+                              "--budget", "0.1", "--json", "--save"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [r["arch"] for r in lines] == ["resnet8", "resnet8"] and lines[0]["model"] == str(tmp_path / "model_best.pt")
     assert lines[0]["params"] == lines[1]["params"] == results[1]["params"] and lines[0]["macs"] == lines[1]["macs"]
+    saved = json.loads((tmp_path / footprint.FILE).read_text())  # --save: beside the model file, for kd.compare
+    assert saved["model"] == "model_best.pt" and saved["params"] == lines[0]["params"]
