@@ -127,3 +127,25 @@ def test_command_measures_a_model_file_and_an_arch(tmp_path, capsys):
     assert lines[0]["params"] == lines[1]["params"] == results[1]["params"] and lines[0]["macs"] == lines[1]["macs"]
     saved = json.loads((tmp_path / footprint.FILE).read_text())  # --save: beside the model file, for kd.compare
     assert saved["model"] == "model_best.pt" and saved["params"] == lines[0]["params"]
+
+
+def test_compare_finds_the_teacher_of_a_distilled_run(tmp_path, capsys):
+    """Without a teacher run among the arguments, a distilled run's --teacher-checkpoint dir is the reference;
+    latencies from another CPU are not turned into a speed-up."""
+    from test_report import fake_run
+
+    fake_run(tmp_path, "teacher", "teacher", 0, [0.6, 0.7])
+    fake_run(tmp_path, "distill", "distill", 0, [0.5, 0.65], 0.1, 4.0, agreement=0.8)
+    config = json.loads((tmp_path / "distill" / "config.json").read_text())
+    config["teacher_checkpoint"] = str(tmp_path / "teacher" / "model_best.pt")
+    (tmp_path / "distill" / "config.json").write_text(json.dumps(config))
+    (tmp_path / "teacher" / footprint.FILE).write_text(json.dumps(fake_figures(4_000_000, 800e6, 40.0)))
+    elsewhere = fake_figures(1_000_000, 200e6, 10.0)
+    elsewhere["cpu"]["threads"] = 8
+    (tmp_path / "distill" / footprint.FILE).write_text(json.dumps(elsewhere))
+    (run,) = compare.main([str(tmp_path / "distill")])
+    assert run["vs_teacher"]["teacher"] == str(tmp_path / "teacher") and run["vs_teacher"]["macs_ratio"] == 4.0
+    assert run["vs_teacher"]["cpu_b1_speedup"] is None
+    assert run["vs_teacher"]["acc1_delta_pt"] == pytest.approx(-5.0)
+    assert ("distill vs teacher teacher: 4.0× fewer parameters, 4.0× fewer MACs, latency not compared (measured on "
+            "another CPU or thread count), −5.0 pt top-1") in capsys.readouterr().out
