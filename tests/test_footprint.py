@@ -149,3 +149,12 @@ def test_compare_finds_the_teacher_of_a_distilled_run(tmp_path, capsys):
     assert run["vs_teacher"]["acc1_delta_pt"] == pytest.approx(-5.0)
     assert ("distill vs teacher teacher: 4.0× fewer parameters, 4.0× fewer MACs, latency not compared (measured on "
             "another CPU or thread count), −5.0 pt top-1") in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("arch", ["resnet18", "vit_b_16"])
+def test_macs_match_torchvision_published_numbers(arch):
+    """torchvision publishes each model's GFLOPS at 224 px in the multiply-accumulate convention (its `_ops`)."""
+    torchvision = pytest.importorskip("torchvision")
+    model = torchvision.models.get_model(arch)
+    published = torchvision.models.get_model_weights(arch).DEFAULT.meta["_ops"]
+    assert footprint.count_macs(model, 224) / 1e9 == pytest.approx(published, abs=5e-4)
