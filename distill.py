@@ -23,14 +23,18 @@ from kd.session import Session
 from kd.teacher_cache import TeacherCache
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--student-arch", default="resnet18", choices=ARCHS, metavar="ARCH",
                         help=f"student architecture: {', '.join(ARCHS)} (default: resnet18)")
     add_distill_flags(parser)
     parser.set_defaults(output_dir="runs/distill")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def load_teacher(path: str, data: DataBundle):

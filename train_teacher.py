@@ -16,13 +16,17 @@ from kd.models import ARCHS, build_model
 from kd.session import Session
 
 
-def parse_args(argv=None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--arch", default="resnet101", choices=ARCHS, metavar="ARCH",
                         help=f"teacher architecture: {', '.join(ARCHS)} (default: resnet101)")
     parser.set_defaults(output_dir="runs/teacher")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv=None) -> dict:

@@ -144,36 +144,3 @@ kd_on_warning() {
     touch "$KD_STOP_FILE"
     kd_note signal "USR1: saving state, then requeue"
 }
-
-# Splits "[SBATCH OPTIONS...] -- [SCRIPT FLAGS...]" into KD_SBATCH_ARGS and KD_SCRIPT_ARGS (no "--": all flags
-# are script flags). Used by the submit_*.sh helpers.
-# shellcheck disable=SC2034  # the two arrays are the result
-kd_split_args() {
-    KD_SBATCH_ARGS=() KD_SCRIPT_ARGS=()
-    local arg seen=0
-    for arg in "$@"; do [ "$arg" = -- ] && seen=1; done
-    if [ "$seen" = 0 ]; then KD_SCRIPT_ARGS=("$@"); return; fi
-    while [ "$1" != -- ]; do KD_SBATCH_ARGS+=("$1"); shift; done
-    shift
-    KD_SCRIPT_ARGS=("$@")
-}
-
-# The sweep points, one "ALPHA TEMPERATURE SEED" line each: the product of the space-separated lists
-# KD_SWEEP_ALPHAS x KD_SWEEP_TEMPERATURES x KD_SWEEP_SEEDS when set, else the lines of $KD_SWEEP_FILE
-# (default launch/sweep.txt; '#' starts a comment).
-kd_sweep_points() {
-    local a t s file=${KD_SWEEP_FILE:-$KD_HOME/launch/sweep.txt}
-    if [ -n "${KD_SWEEP_ALPHAS:-}${KD_SWEEP_TEMPERATURES:-}${KD_SWEEP_SEEDS:-}" ]; then
-        [ -n "${KD_SWEEP_ALPHAS:-}" ] && [ -n "${KD_SWEEP_TEMPERATURES:-}" ] && [ -n "${KD_SWEEP_SEEDS:-}" ] ||
-            kd_die "set all of KD_SWEEP_ALPHAS, KD_SWEEP_TEMPERATURES and KD_SWEEP_SEEDS, or none (sweep file)"
-        for a in $KD_SWEEP_ALPHAS; do
-            for t in $KD_SWEEP_TEMPERATURES; do
-                for s in $KD_SWEEP_SEEDS; do echo "$a $t $s"; done
-            done
-        done
-        return
-    fi
-    [ -f "$file" ] || kd_die "sweep file $file not found (set KD_SWEEP_FILE)"
-    sed 's/#.*//' "$file" | awk 'NF == 3 { print $1, $2, $3; next } NF { bad = 1 } END { exit bad }' ||
-        kd_die "$file: every non-comment line must be 'ALPHA TEMPERATURE SEED'"
-}

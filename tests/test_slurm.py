@@ -67,12 +67,6 @@ def sbatch(script: str, *flags, opts=(), log_dir: Path, env: dict | None = None,
     return proc.stdout.strip().split(";")[0]
 
 
-def submit_helper(helper: str, *args, env: dict, cwd: Path) -> str:
-    proc = _run(["bash", LAUNCH / helper, *args], cwd=cwd, env=env)
-    assert proc.returncode == 0, f"{helper} failed ({proc.returncode}): {proc.stderr}"
-    return proc.stdout.strip()
-
-
 def logs(log_dir: Path) -> str:
     return "\n".join(f"--- {p.name}\n{p.read_text(errors='replace')[-5000:]}" for p in sorted(log_dir.glob("*.out")))
 
@@ -140,103 +134,34 @@ def assert_finished_run(out: Path, epochs: int, job_id: str, restarts: int = 0) 
     return config
 
 
-# ---------------------------------------------------------------------------------------------- no cluster needed
-def test_sweep_points_from_file_and_env(tmp_path):
-    sweep = tmp_path / "sweep.txt"
-    sweep.write_text("# alpha T seed\n0.1 4 0\n\n0.5  8 1  # comment\n")
-    common = f"source {LAUNCH / 'slurm_common.sh'}; kd_sweep_points"
-    base = {"PATH": os.environ["PATH"], "KD_HOME": str(REPO)}
-    assert _run(["bash", "-c", common], env={**base, "KD_SWEEP_FILE": str(sweep)}).stdout.splitlines() == [
-        "0.1 4 0", "0.5 8 1"]
-    grid = _run(["bash", "-c", common], env={**base, "KD_SWEEP_ALPHAS": "0.1 0.9", "KD_SWEEP_TEMPERATURES": "4",
-                                             "KD_SWEEP_SEEDS": "0 1"})
-    assert grid.stdout.splitlines() == ["0.1 4 0", "0.1 4 1", "0.9 4 0", "0.9 4 1"]
-    assert len(_run(["bash", "-c", common], env=base).stdout.splitlines()) >= 3  # launch/sweep.txt
-    sweep.write_text("0.1 4\n")
-    bad = _run(["bash", "-c", common], env={**base, "KD_SWEEP_FILE": str(sweep)})
-    assert bad.returncode != 0 and "ALPHA TEMPERATURE SEED" in bad.stderr
-
-
-# ---------------------------------------------------------------------------------------------- pipeline chain
-@pytest.fixture(scope="module")
-def pipeline(slurm_nodes, jpeg_folder, tmp_path_factory):
-    """launch/submit_pipeline.sh: 2-process CPU teacher, then distill and student-only with afterok."""
-    root, log_dir = tmp_path_factory.mktemp("pipeline"), tmp_path_factory.mktemp("pipeline-logs")
-    env = job_env(KD_OUTPUT_DIR=str(root / "kd-pipeline"), KD_TEACHER_FLAGS="--arch resnet8",
-                  KD_STUDENT_FLAGS="--student-arch resnet8", KD_DISTILL_FLAGS="--alpha 0.3 --temperature 5")
-    ids = submit_helper("submit_pipeline.sh", *CPU_JOB, "--ntasks=2", "-o", f"{log_dir}/%x-%j.out", "--",
-                        *SMALL, "--data-dir", jpeg_folder, env=env, cwd=root).split()
-    waiting = {job: job_records(job)[0] for job in ids[1:]}  # while the teacher runs (it takes > 5 s)
-    wait_gone(ids, log_dir, timeout=150)
-    return {"ids": ids, "runs": root / "kd-pipeline", "logs": log_dir, "waiting": waiting}
-
-
+# ---------------------------------------------------------------------------------------------- experiment chain
 @pytest.mark.slurm
-def test_pipeline_chain(pipeline):
-    teacher, distill, student = pipeline["ids"]
-    runs, log_dir = pipeline["runs"], pipeline["logs"]
-    for job in (distill, student):
-        assert pipeline["waiting"][job]["Dependency"].startswith(f"afterok:{teacher}")
-        assert pipeline["waiting"][job]["JobState"] == "PENDING"
-    records = {job: assert_completed(job, log_dir) for job in pipeline["ids"]}
-    when = {job: {k: datetime.fromisoformat(r[k]) for k in ("StartTime", "EndTime")} for job, r in records.items()}
-    assert when[distill]["StartTime"] >= when[teacher]["EndTime"] <= when[student]["StartTime"]
-    configs = {name: assert_finished_run(runs / name, 2, job) for name, job in zip(("teacher", "distill", "student"),
-                                                                                  pipeline["ids"])}
-    assert configs["teacher"]["num_processes"] == 2 and configs["teacher"]["arch"] == "resnet8"
-    assert configs["distill"]["teacher_checkpoint"] == str(runs / "teacher")
-    assert (configs["distill"]["alpha"], configs["distill"]["temperature"]) == (0.3, 5.0)
-    assert configs["student"]["teacher_checkpoint"] == "none" and configs["student"]["job_type"] == "student"
-    assert {c["wandb_group"] for c in configs.values()} == {"kd-pipeline"}  # default: the output root's name
-    for name, config in configs.items():
-        (wandb_run,) = offline_runs(runs / name)
-        assert wandb_run.name.endswith(config["run_id"])
-
-
-# ---------------------------------------------------------------------------------------------- sweep
-@pytest.mark.slurm
-def test_sweep_job_array(pipeline, jpeg_folder, tmp_path):
-    points = [(0.2, 3.0, 1), (0.5, 6.0, 2), (0.8, 2.0, 3)]
-    sweep = tmp_path / "sweep.txt"
-    sweep.write_text("# alpha temperature seed\n" + "".join(f"{a} {t:g} {s}\n" for a, t, s in points))
-    log_dir, root = tmp_path / "logs", tmp_path / "sweep-a"
+def test_experiment_teacher_array_report(slurm_nodes, jpeg_folder, tmp_path):
+    """python -m kd.experiment run FILE --slurm: the teacher; one array over 2 student-only + 2 distilled runs
+    (afterok); the report (afterany on the array). Runs named by kd.runs, one W&B group, kd.report's output; a
+    second submit skips every finished run."""
+    log_dir, root = tmp_path / "logs", tmp_path / "exp-t"
     log_dir.mkdir()
-    env = job_env(KD_SWEEP_FILE=str(sweep), KD_OUTPUT_DIR=str(root))
-    array = submit_helper("submit_sweep.sh", *CPU_JOB, "--ntasks=1", "-o", f"{log_dir}/%x-%A_%a.out", "--",
-                          *TINY, "--epochs", "1", "--student-arch", "resnet8", "--data-dir", jpeg_folder,
-                          "--teacher-checkpoint", pipeline["runs"] / "teacher", env=env, cwd=tmp_path)
-    wait_gone([array], log_dir, timeout=120)
-    tasks = sorted(job_records(array), key=lambda r: int(r["ArrayTaskId"]))
-    assert [(r["ArrayTaskId"], r["JobState"], r["ExitCode"]) for r in tasks] == [
-        (str(i), "COMPLETED", "0:0") for i in range(len(points))], logs(log_dir)
-    run_ids = set()
-    for task, (alpha, temperature, seed) in zip(tasks, points):
-        out = root / f"alpha{alpha}_T{temperature:g}_seed{seed}"
-        config = assert_finished_run(out, 1, task["JobId"])
-        assert (config["alpha"], config["temperature"], config["seed"]) == (alpha, temperature, seed)
-        assert config["slurm"]["array_task_id"] == task["ArrayTaskId"]
-        (wandb_dir,) = offline_runs(out)
-        wandb_run = read_run(wandb_dir)
-        assert wandb_run["group"] == "sweep-a" and wandb_run["job_type"] == "distill"
-        assert (wandb_run["config"]["alpha"], wandb_run["config"]["temperature"]) == (alpha, temperature)
-        run_ids.add(wandb_run["run_id"])
-    assert len(run_ids) == len(points)
+    flags = dict(zip(TINY[::2], TINY[1::2]))
+    doc = {"name": "exp-t", "output_dir": str(root),
+           "defaults": {**{k[2:]: v for k, v in flags.items()}, "epochs": 1, "data_dir": str(jpeg_folder)},
+           "teacher": {"arch": "resnet8"},
+           "students": {"student_arch": "resnet8", "grid": {"alpha": [0.3], "temperature": [4]}, "seeds": [0, 1]}}
+    (tmp_path / "exp.yaml").write_text(json.dumps(doc))  # JSON is YAML
 
+    def submit() -> list[str | None]:
+        proc = _run([sys.executable, "-m", "kd.experiment", "run", tmp_path / "exp.yaml", "--slurm", *CPU_JOB,
+                     "--ntasks=1", "-o", f"{log_dir}/%x-%j.out"], cwd=tmp_path, env=job_env(), timeout=120)
+        assert proc.returncode == 0, proc.stderr + proc.stdout
+        found = re.search(r"teacher (\S+), then (\d+) student runs as array (\S+) \(afterok\), then the report "
+                          r"(\d+)", proc.stdout)
+        assert found, proc.stdout
+        return [None if v == "-" else v for v in found.group(1, 3, 4)], int(found.group(2)), proc.stdout
 
-# ---------------------------------------------------------------------------------------------- study
-@pytest.mark.slurm
-def test_study_teacher_array_report(slurm_nodes, jpeg_folder, tmp_path):
-    """launch/submit_study.sh: the teacher; one array over 2 student-only + 2 distilled runs (afterok); the report
-    (afterany on the array). Run dirs named as launch/study.sh names them, one W&B group, kd.report's output."""
-    log_dir, root = tmp_path / "logs", tmp_path / "study-t"
-    log_dir.mkdir()
-    env = job_env(KD_OUTPUT_DIR=str(root), KD_STUDY_SEEDS="0 1", KD_STUDY_ALPHAS="0.3", KD_STUDY_TEMPERATURES="4",
-                  KD_TEACHER_FLAGS="--arch resnet8", KD_STUDENT_FLAGS="--student-arch resnet8")
-    teacher, array, report = submit_helper(
-        "submit_study.sh", *CPU_JOB, "--ntasks=1", "-o", f"{log_dir}/%x-%j.out", "--", *TINY, "--epochs", "1",
-        "--data-dir", jpeg_folder, env=env, cwd=tmp_path).split()
+    (teacher, array, report), n, _ = submit()
+    assert n == 4
     waiting = {job: job_records(job)[0] for job in (array, report)}  # while the teacher runs (it takes > 5 s)
-    wait_gone([teacher, array, report], log_dir, timeout=150)
+    wait_gone([teacher, array, report], log_dir, timeout=180)
 
     assert waiting[array]["Dependency"].startswith(f"afterok:{teacher}")
     assert re.match(rf"afterok:{teacher}\S*,afterany:{array}", waiting[report]["Dependency"]), waiting[report]
@@ -250,13 +175,14 @@ def test_study_teacher_array_report(slurm_nodes, jpeg_folder, tmp_path):
     assert times[report]["StartTime"] >= max(datetime.fromisoformat(t["EndTime"]) for t in tasks)
 
     expected = {"teacher": ("teacher", None, None, 0), "student-s0": ("student", None, None, 0),
-                "student-s1": ("student", None, None, 1), "distill-a0.3-T4-s0": ("distill", 0.3, 4.0, 0),
-                "distill-a0.3-T4-s1": ("distill", 0.3, 4.0, 1)}  # array order: students, then alpha x T x seed
+                "distill-a0.3-T4-s0": ("distill", 0.3, 4.0, 0), "student-s1": ("student", None, None, 1),
+                "distill-a0.3-T4-s1": ("distill", 0.3, 4.0, 1)}  # array order: the file's run order
     assert sorted(p.name for p in root.iterdir() if p.is_dir()) == sorted([*expected, "report"])
     for (name, (job_type, alpha, temperature, seed)), job in zip(expected.items(),
                                                                 [teacher] + [t["JobId"] for t in tasks]):
         config = assert_finished_run(root / name, 1, job)  # model_final.pt, epochs, this job in config.json
-        assert (config["job_type"], config["seed"], config["wandb_group"]) == (job_type, seed, "study-t")
+        assert (config["job_type"], config["seed"], config["wandb_group"]) == (job_type, seed, "exp-t")
+        assert config["run_name"] == name
         if job_type == "distill":
             assert (config["alpha"], config["temperature"]) == (alpha, temperature)
             assert config["teacher_checkpoint"] == str(root / "teacher")
@@ -264,15 +190,19 @@ def test_study_teacher_array_report(slurm_nodes, jpeg_folder, tmp_path):
             assert config["teacher_checkpoint"] == "none"
         (wandb_dir,) = offline_runs(root / name)
         wandb_run = read_run(wandb_dir)
-        assert (wandb_run["group"], wandb_run["job_type"], wandb_run["tags"]) == ("study-t", job_type,
-                                                                                   ["study", job_type])
+        assert (wandb_run["group"], wandb_run["job_type"], wandb_run["tags"]) == ("exp-t", job_type,
+                                                                                   ["exp-t", job_type])
 
     assert (root / "report" / "report.md").is_file()
     results = json.loads((root / "report" / "results.json").read_text())
     assert sorted(r["name"] for r in results["runs"]) == sorted(expected)
     (row,) = results["summary"]["rows"]
     assert (row["alpha"], row["temperature"], row["seeds"]) == (0.3, 4.0, [0, 1])
-    assert results["summary"]["student_seeds"] == [0, 1]
+
+    (teacher, array, report), n, out = submit()  # everything finished: only the report is submitted again
+    assert (teacher, array, n) == (None, None, 0) and out.count("done already:") == 5
+    wait_gone([report], log_dir, timeout=60)
+    assert_completed(report, log_dir)
 
 
 # ---------------------------------------------------------------------------------------------- multi-node
