@@ -161,7 +161,7 @@ def test_experiment_teacher_array_report(slurm_nodes, jpeg_folder, tmp_path):
     (teacher, array, report), n, _ = submit()
     assert n == 4
     waiting = {job: job_records(job)[0] for job in (array, report)}  # while the teacher runs (it takes > 5 s)
-    wait_gone([teacher, array, report], log_dir, timeout=180)
+    wait_gone([teacher, array, report], log_dir, timeout=420)
 
     assert waiting[array]["Dependency"].startswith(f"afterok:{teacher}")
     assert re.match(rf"afterok:{teacher}\S*,afterany:{array}", waiting[report]["Dependency"]), waiting[report]
