@@ -8,8 +8,9 @@
     accelerate launch --config_file accelerate_config.yaml --num_processes 8 distill.py ...   # 8 GPUs, bf16
     sbatch launch/distill.sbatch                                         # Slurm
 
-The teacher comes from a train_teacher.py output dir (its model_best.pt) or a model file; its classes and
-normalization must match the dataset. Run with --help for every flag.
+The teacher comes from a train_teacher.py output dir (its model_best.pt) or a model file; its classes must match
+the dataset's. Teacher and student may be any models (kd.models) with different input normalizations: each sees the
+same crop normalized its own way. Run with --help for every flag.
 """
 import argparse
 
@@ -18,7 +19,8 @@ from kd.config import add_distill_flags, common_parser
 from kd.data import DataBundle
 from kd.engine import Objective
 from kd.errors import UserError, user_errors, warn
-from kd.models import ARCHS, build_model
+from kd.compute import renormalized
+from kd.models import ARCH_HELP, build_model, input_normalization
 from kd.session import Session
 from kd.teacher_cache import TeacherCache
 
@@ -26,8 +28,8 @@ from kd.teacher_cache import TeacherCache
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--student-arch", default="resnet18", choices=ARCHS, metavar="ARCH",
-                        help=f"student architecture: {', '.join(ARCHS)} (default: resnet18)")
+    parser.add_argument("--student-arch", default="resnet18", metavar="ARCH",
+                        help=f"student architecture: {ARCH_HELP} (default: resnet18)")
     add_distill_flags(parser)
     parser.set_defaults(output_dir="runs/distill")
     return parser
@@ -38,7 +40,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def load_teacher(path: str, data: DataBundle):
-    """The teacher model, checked against the dataset it will be distilled on."""
+    """The teacher model, checked against the dataset it will be distilled on, taking the student's inputs: its
+    own normalization (recorded in its model file) is restored from the student's on the device."""
     teacher, meta = load_model_file(path)
     if meta["num_classes"] != data.num_classes:
         raise UserError(f"teacher {path} has {meta['num_classes']} classes, the dataset {data.num_classes}: "
@@ -47,19 +50,26 @@ def load_teacher(path: str, data: DataBundle):
         diff = next(i for i, (a, b) in enumerate(zip(meta["class_names"], data.class_names)) if a != b)
         raise UserError(f"teacher {path} class {diff} is {meta['class_names'][diff]!r}, the dataset's is "
                         f"{data.class_names[diff]!r}: use the same class folders as the teacher's training data")
-    if [round(x, 4) for x in meta["mean"] + meta["std"]] != [round(x, 4) for x in (*data.mean, *data.std)]:
-        raise UserError(f"teacher {path} was trained with normalization mean={meta['mean']} std={meta['std']}, "
-                        f"this dataset uses mean={list(data.mean)} std={list(data.std)}")
+    fixed = {"image_size", "img_size", "input_size"} & set(meta.get("model", {}).get("kwargs", {}))
     if meta["image_size"] != data.image_size:
+        if fixed:
+            raise UserError(f"teacher {path} ({meta['arch']}) is built for {meta['image_size']} px inputs, this run "
+                            f"uses --image-size {data.image_size}: distill at --image-size {meta['image_size']}")
         warn(f"teacher was trained at {meta['image_size']} px, distilling at {data.image_size} px")
+    teacher = renormalized(teacher, (data.mean, data.std), (meta["mean"], meta["std"]))
     return teacher, meta
+
+
+def _rounded(values) -> list:
+    return [round(v, 3) for v in values]
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with user_errors():
         baseline = args.teacher_checkpoint.lower() == "none" and not args.teacher_cache
-        session = Session(args, job_type="student" if baseline else "distill")
+        session = Session(args, job_type="student" if baseline else "distill",
+                          normalization=input_normalization(args.student_arch, args.pretrained, args.weights))
         objective = Objective()
         if args.teacher_cache:  # no teacher runs: its logits for each view come from the cache
             cache = TeacherCache.load(args.teacher_cache)
@@ -70,10 +80,13 @@ def main(argv=None) -> dict:
         elif not baseline:
             teacher, meta = load_teacher(args.teacher_checkpoint, session.data)
             session.print(f"teacher: {meta['arch']} from {args.teacher_checkpoint} "
-                          f"(val top-1 {meta.get('val_acc1', float('nan')):.4f} at training time)")
+                          f"(val top-1 {meta.get('val_acc1', float('nan')):.4f} at training time, input mean "
+                          f"{_rounded(meta['mean'])} std {_rounded(meta['std'])}; student's mean "
+                          f"{_rounded(session.data.mean)} std {_rounded(session.data.std)})")
             objective = Objective(teacher, args.alpha, args.temperature, args.kl_reduction)
         student = build_model(args.student_arch, session.data.num_classes, pretrained=args.pretrained,
-                              head=args.head, freeze_backbone=args.freeze_backbone)
+                              head=args.head, freeze_backbone=args.freeze_backbone, image_size=args.image_size,
+                              weights=args.weights)
         return session.fit(student, arch=args.student_arch, objective=objective)
 
 

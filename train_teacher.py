@@ -12,15 +12,15 @@ import argparse
 
 from kd.config import common_parser
 from kd.errors import user_errors
-from kd.models import ARCHS, build_model
+from kd.models import ARCH_HELP, build_model, input_normalization
 from kd.session import Session
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, parents=[common_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--arch", default="resnet101", choices=ARCHS, metavar="ARCH",
-                        help=f"teacher architecture: {', '.join(ARCHS)} (default: resnet101)")
+    parser.add_argument("--arch", default="resnet101", metavar="ARCH",
+                        help=f"teacher architecture: {ARCH_HELP} (default: resnet101)")
     parser.set_defaults(output_dir="runs/teacher")
     return parser
 
@@ -32,9 +32,10 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> dict:
     args = parse_args(argv)
     with user_errors():
-        session = Session(args, job_type="teacher")
+        session = Session(args, job_type="teacher",
+                          normalization=input_normalization(args.arch, args.pretrained, args.weights))
         model = build_model(args.arch, session.data.num_classes, pretrained=args.pretrained, head=args.head,
-                            freeze_backbone=args.freeze_backbone)
+                            freeze_backbone=args.freeze_backbone, image_size=args.image_size, weights=args.weights)
         return session.fit(model, arch=args.arch)
 
 

@@ -2,7 +2,8 @@
 
 Layout of an output dir:
     checkpoints/epoch_0003/   full training state; a folder is complete once it holds COMPLETE_MARKER
-    model_best.pt, model_final.pt   {"format", "state_dict", "meta"}: loadable with torch + kd.models alone
+    model_best.pt, model_final.pt   {"format", "state_dict", "meta"}: loadable with torch + kd.models alone;
+    meta["model"] records the family, name and constructor arguments that rebuild it (kd.models.model_spec)
 """
 from __future__ import annotations
 
@@ -15,9 +16,8 @@ import torch
 from accelerate import Accelerator
 
 from kd.errors import UserError
-from kd.models import ARCHS, build_model
-
-MODEL_FORMAT = "kd-model/1"
+from kd.models import build_model
+from kd.models.weights import KD_MODEL_FORMAT as MODEL_FORMAT
 CHECKPOINTS = "checkpoints"
 COMPLETE_MARKER = "kd_complete"
 BEST_MODEL, FINAL_MODEL = "model_best.pt", "model_final.pt"
@@ -117,9 +117,10 @@ def load_model_file(path: str | Path) -> tuple[torch.nn.Module, dict]:
         raise UserError(f"{path} is not a kd model file (expected format {MODEL_FORMAT}); pass the model_best.pt "
                         f"written by train_teacher.py")
     meta = blob["meta"]
-    if meta.get("arch") not in ARCHS:
-        raise UserError(f"{path}: unknown architecture {meta.get('arch')!r}; this kd knows {', '.join(ARCHS)}")
-    model = build_model(meta["arch"], meta["num_classes"], head=meta.get("head", "linear"))
+    try:  # files before kd-model specs hold torchvision ResNets and CIFAR ResNets, which their arch names rebuild
+        model = build_model(meta["arch"], meta["num_classes"], head=meta.get("head", "linear"), spec=meta.get("model"))
+    except UserError as exc:
+        raise UserError(f"{path}: cannot rebuild its model: {exc}") from None
     try:
         model.load_state_dict(blob["state_dict"])
     except RuntimeError as exc:

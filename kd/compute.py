@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import torch
-from torch import nn
-from torch.fx.experimental.optimization import fuse as fold_batchnorm
+from torch import fx, nn
+from torch.fx.experimental.optimization import fuse
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -22,11 +22,71 @@ def memory_format(channels_last: bool) -> torch.memory_format:
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
+def trace(model: nn.Module) -> fx.GraphModule | None:
+    """The model as an fx graph, or None where symbolic tracing fails (data-dependent control flow, as in some
+    user modules and timm models): those run eagerly."""
+    try:
+        return fx.symbolic_trace(model)
+    except Exception:  # noqa: BLE001 - tracing user code raises anything (TraceError, TypeError, asserts...)
+        return None
+
+
+def fold_batchnorm(graph: fx.GraphModule) -> fx.GraphModule:
+    """Batch norms that directly follow a convolution (or a Linear) folded into its weights: one kernel fewer
+    per pair, exact in eval mode. Models without such pairs (ViTs, ConvNeXt's LayerNorms) come back unchanged."""
+    return fuse(graph, no_trace=True)
+
+
+AUTOCAST_LAYERS = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)  # what autocast runs in its low precision
+
+
+def cast_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """Convolution and Linear weights cast once to `dtype`, which autocast would do on every call; everything
+    else (LayerNorm, GroupNorm, position embeddings, class tokens, layer scales, attention's packed projection)
+    stays fp32, as autocast keeps it, so the outputs equal the eager model's under autocast."""
+    for module in model.modules():
+        if isinstance(module, AUTOCAST_LAYERS):
+            module.to(dtype=dtype)
+    return model
+
+
 def inference_teacher(teacher: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool,
                       compile: bool) -> nn.Module:
     """The teacher as a pure function of its input: eval mode, no gradients, batch norm folded into the
-    convolutions (one kernel fewer per layer), weights cast once to the autocast dtype instead of on every step.
-    Its logits match the fp32 teacher's to autocast precision."""
-    teacher = fold_batchnorm(teacher.eval().requires_grad_(False))
-    teacher = teacher.to(device=device, dtype=dtype, memory_format=memory_format(channels_last))
+    convolutions where the model traces (else it runs eagerly), convolution and Linear weights cast once to the
+    autocast dtype instead of on every step. Its logits match the eager teacher's under autocast
+    (tests/test_models.py measures each family)."""
+    teacher = teacher.eval().requires_grad_(False)
+    graph = trace(teacher)
+    if graph is not None:
+        teacher = fold_batchnorm(graph)
+    teacher = teacher.to(device=device, memory_format=memory_format(channels_last))
+    if dtype != torch.float32:
+        teacher = cast_for_autocast(teacher, dtype)
     return torch.compile(teacher) if compile else teacher
+
+
+class Renormalized(nn.Module):
+    """A model fed inputs normalized for another model: x_t = (x * std_s + mean_s - mean_t) / std_t, one fused
+    multiply-add on the device, so teacher and student see the same crop, each normalized its own way."""
+
+    def __init__(self, model: nn.Module, source: tuple, target: tuple):
+        super().__init__()
+        (mean_s, std_s), (mean_t, std_t) = [(torch.tensor(m).view(1, -1, 1, 1), torch.tensor(s).view(1, -1, 1, 1))
+                                            for m, s in (source, target)]
+        self.model = model
+        self.register_buffer("scale", std_s / std_t)
+        self.register_buffer("shift", (mean_s - mean_t) / std_t)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.addcmul(self.shift, x, self.scale))
+
+
+def same_normalization(a: tuple, b: tuple) -> bool:
+    return all(abs(x - y) < 1e-6 for x, y in zip([*a[0], *a[1]], [*b[0], *b[1]], strict=True))
+
+
+def renormalized(model: nn.Module, source: tuple, target: tuple) -> nn.Module:
+    """`model` (which expects inputs normalized with `target` (mean, std)) taking inputs normalized with
+    `source`; itself when the two are the same."""
+    return model if same_normalization(source, target) else Renormalized(model, source, target)

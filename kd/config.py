@@ -7,6 +7,7 @@ from kd.data import DATASETS
 from kd.errors import UserError
 from kd.fastai_data import VARIANTS
 from kd.losses import KL_REDUCTIONS
+from kd.models.heads import HEADS
 
 OPTIMIZERS = ("sgd", "adamw")
 DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
@@ -61,11 +62,15 @@ def common_parser() -> argparse.ArgumentParser:
                    "(default: on)")
     g.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="torch.compile the "
                    "student and teacher (default: on for CUDA, off on CPU where it does not pay off)")
-    g.add_argument("--pretrained", action="store_true", help="start from torchvision's ImageNet weights (downloads "
-                   "them once)")
+    g.add_argument("--pretrained", action="store_true", help="start from the model's ImageNet weights: torchvision's "
+                   "weights API or timm's pretrained config (downloaded once); the classifier is new when the class "
+                   "count differs, and the inputs are normalized as the weights expect")
+    g.add_argument("--weights", metavar="FILE", help="start from a local weights file instead (offline clusters): "
+                   "a torchvision/timm state dict (.pt/.pth), a .safetensors file or a kd model file; a classifier "
+                   "of another class count is dropped")
     g.add_argument("--freeze-backbone", action="store_true", help="train only the final layer / head (with "
                    "--pretrained: the reference experiment's setting)")
-    g.add_argument("--head", default="linear", choices=("linear", "mlp-teacher", "mlp-student"), help="final "
+    g.add_argument("--head", default="linear", choices=HEADS, help="final "
                    "layer: linear, or the reference experiment's MLP heads (mlp-teacher: 2x2048 with dropout 0.95; "
                    "mlp-student: 2x128) (default: linear)")
     g = p.add_argument_group("run")

@@ -170,11 +170,11 @@ def _image_folders(root: Path, dataset: str, image_size: int, mean, std, skip_co
     return train, val, train.classes
 
 
-def _cifar(dataset: str, root: Path, download: bool, image_size: int):
+def _cifar(dataset: str, root: Path, download: bool, image_size: int, mean, std):
     cls = tv_datasets.CIFAR10 if dataset == "cifar10" else tv_datasets.CIFAR100
     try:
-        train = cls(root, train=True, download=download, transform=train_transform(dataset, image_size, CIFAR_MEAN, CIFAR_STD))
-        val = cls(root, train=False, download=download, transform=eval_transform(dataset, image_size, CIFAR_MEAN, CIFAR_STD))
+        train = cls(root, train=True, download=download, transform=train_transform(dataset, image_size, mean, std))
+        val = cls(root, train=False, download=download, transform=eval_transform(dataset, image_size, mean, std))
     except (OSError, RuntimeError) as exc:
         raise UserError(
             f"cannot load {dataset} from {root} ({exc}); go online once or pass --data-dir holding "
@@ -193,19 +193,22 @@ def build_datasets(
     seed: int = 0,
     skip_corrupt: bool = False,
     synthetic_size: tuple[int, int] = (640, 320),
+    normalization: tuple | None = None,
 ) -> DataBundle:
+    """`normalization`: the (mean, std) the model's weights expect (kd.models.input_normalization), instead of
+    the dataset's; synthetic data is generated normalized and ignores it."""
     if dataset not in DATASETS:
         raise UserError(f"unknown dataset {dataset!r}: choose one of {', '.join(DATASETS)}")
     root = Path(data_dir).expanduser() if data_dir else DEFAULT_CACHE
-    mean, std = IMAGENET_MEAN, IMAGENET_STD
+    mean, std = normalization or (IMAGENET_MEAN, IMAGENET_STD)
     if dataset == "synthetic":
         mean, std = (0.0, 0.0, 0.0), (1.0, 1.0, 1.0)
         train = SyntheticDataset(synthetic_size[0], 10, image_size, seed)
         val = SyntheticDataset(synthetic_size[1], 10, image_size, seed + 1)
         classes = [f"class_{i}" for i in range(10)]
     elif dataset in ("cifar10", "cifar100"):
-        mean, std = CIFAR_MEAN, CIFAR_STD
-        train, val, classes = _cifar(dataset, root, download, image_size)
+        mean, std = normalization or (CIFAR_MEAN, CIFAR_STD)
+        train, val, classes = _cifar(dataset, root, download, image_size, mean, std)
     elif dataset == "imagefolder":
         if not data_dir:
             raise UserError("--dataset imagefolder needs --data-dir pointing to a folder with train/ and val/")
@@ -215,4 +218,4 @@ def build_datasets(
     else:
         folder = resolve_fastai_root(dataset, variant, image_size, root, download)
         train, val, classes = _image_folders(folder, dataset, image_size, mean, std, skip_corrupt)
-    return DataBundle(IndexedDataset(train), IndexedDataset(val), list(classes), mean, std, image_size)
+    return DataBundle(IndexedDataset(train), IndexedDataset(val), list(classes), tuple(mean), tuple(std), image_size)

@@ -290,10 +290,13 @@ def ensure_packs(image_size: int, pack_size: int | None = None, *, dataset: str 
     return packs
 
 
-def packed_bundle(dataset: str, data_dir: str | None, image_size: int, **pack_options) -> DataBundle:
-    """kd.data's DataBundle over packs: what Session trains on with --data-format packed."""
+def packed_bundle(dataset: str, data_dir: str | None, image_size: int, normalization: tuple | None = None,
+                  **pack_options) -> DataBundle:
+    """kd.data's DataBundle over packs: what Session trains on with --data-format packed. `normalization` as in
+    kd.data.build_datasets (kd.augment applies it on the device)."""
     packs = ensure_packs(image_size, dataset=dataset, data_dir=data_dir, **pack_options)
-    return DataBundle(packs["train"], packs["val"], packs["train"].classes, IMAGENET_MEAN, IMAGENET_STD, image_size)
+    mean, std = normalization or (IMAGENET_MEAN, IMAGENET_STD)
+    return DataBundle(packs["train"], packs["val"], packs["train"].classes, tuple(mean), tuple(std), image_size)
 
 
 # ---------------------------------------------------------------- transport: JPEG-compressed packs in one file

@@ -31,6 +31,7 @@ from kd.config import validate
 from kd.data import DataBundle, TrainSubset, build_datasets, default_image_size, whole
 from kd.engine import Objective, Trainer, evaluate
 from kd.errors import UserError, warn
+from kd.models import spec_of
 from kd.optim import build_optimizer, is_fused, warmup_cosine
 from kd.packed import PackedDataset, packed_bundle
 from kd.signals import StopRequest, Stopped, ignore_stop_signals
@@ -63,7 +64,9 @@ def versions() -> dict:
 
 
 class Session:
-    def __init__(self, args: argparse.Namespace, job_type: str):
+    def __init__(self, args: argparse.Namespace, job_type: str, normalization: tuple | None = None):
+        """`normalization`: the (mean, std) the trained model's weights expect (kd.models.input_normalization);
+        None: the dataset's. The data pipeline normalizes every batch that way."""
         validate(args)
         self.args, self.job_type, self.start_time = args, job_type, time.time()
         self.output_dir = Path(args.output_dir)
@@ -91,13 +94,14 @@ class Session:
                 self.data: DataBundle = packed_bundle(
                     args.dataset, args.data_dir, args.image_size, pack_size=args.pack_size, packed_dir=args.packed_dir,
                     variant=args.dataset_variant, download=args.download, skip_corrupt=args.skip_corrupt,
-                    log=self.print)
+                    normalization=normalization, log=self.print)
                 args.pack_size = self.data.train.spec.crop  # the default resolved, for config.json
                 self.augment = DeviceAugment(args.image_size, args.pack_size, self.data.mean, self.data.std,
                                              args.seed, args.channels_last)
             else:
                 self.data = build_datasets(args.dataset, args.data_dir, args.image_size, variant=args.dataset_variant,
-                                           download=args.download, seed=args.seed, skip_corrupt=args.skip_corrupt)
+                                           download=args.download, seed=args.seed, skip_corrupt=args.skip_corrupt,
+                                           normalization=normalization)
         if args.train_fraction < 1:
             self.data.train = TrainSubset(self.data.train, args.train_fraction, args.seed)
         self.print(f"{job_type}: {args.dataset} ({len(self.data.train)} train / {len(self.data.val)} val images, "
@@ -171,6 +175,7 @@ class Session:
     def fit(self, model: nn.Module, arch: str, objective: Objective | None = None) -> dict:
         args, acc = self.args, self.accelerator
         objective = objective or Objective()
+        spec = spec_of(model, arch)  # before DDP wraps the model
         self._check_enough_data()
         train_loader, val_loader = self._loader(self.data.train, True), self._loader(self.data.val, False)
         model = model.to(memory_format=memory_format(args.channels_last))
@@ -211,8 +216,8 @@ class Session:
                 tracker.log({keys.TEACHER_VAL_ACC1: teacher_acc1}, step=0)
             tracker.summary({keys.TEACHER_VAL_ACC1: teacher_acc1})
 
-        meta = {"arch": arch, "head": args.head, "num_classes": self.data.num_classes, "class_names": self.data.class_names,
-                "image_size": self.data.image_size, "mean": list(self.data.mean), "std": list(self.data.std),
+        meta = {"arch": arch, "model": spec, "head": args.head, "num_classes": self.data.num_classes,
+                "class_names": self.data.class_names, "image_size": self.data.image_size, "mean": list(self.data.mean), "std": list(self.data.std),
                 "dataset": args.dataset, "job_type": self.job_type, "config": config}
 
         def on_epoch_end(trainer: Trainer, val_metrics: dict, is_best: bool) -> None:

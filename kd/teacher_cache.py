@@ -84,8 +84,8 @@ class TeacherCache:
             raise UserError(f"teacher cache was built on other packed images ({meta['train']['count']} train at "
                             f"{meta['train']['crop']} px from {meta['source']}): rebuild it for this --data-dir and "
                             f"--pack-size, or pass the matching ones")
-        if meta["class_names"] != data.class_names or [meta["mean"], meta["std"]] != [list(data.mean), list(data.std)]:
-            raise UserError("teacher cache classes or normalization differ from this dataset's: rebuild the cache")
+        if meta["class_names"] != data.class_names:  # the normalization may differ: the cache holds logits only
+            raise UserError("teacher cache classes differ from this dataset's: rebuild the cache")
         if teacher_checkpoint and teacher_checkpoint.lower() != "none" and Path(teacher_checkpoint).exists():
             sha = file_sha256(resolve_model_path(teacher_checkpoint))
             if sha != meta["teacher"]["sha256"]:
@@ -166,6 +166,7 @@ def build_cache(teacher_path: str, packs: dict[str, PackedDataset], image_size: 
         raise UserError(f"teacher {model_path} was trained on other classes than {train.meta['source']}")
     dtype = autocast_dtype(mixed_precision)
     teacher = inference_teacher(model, device, dtype, channels_last, compile)
+    # The teacher's own normalization: a student normalized another way replays the same crops (kd.augment views).
     augment = DeviceAugment(image_size, train.spec.crop, teacher_meta["mean"], teacher_meta["std"], seed, channels_last)
     start, every = time.time(), torch.arange(len(train))
     view_params = cache_views(len(train), views, seed, train.spec.crop)

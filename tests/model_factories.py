@@ -1,0 +1,34 @@
+"""Model factories named as package.module:callable in tests (what a user passes as --arch)."""
+import torch
+import torchvision
+from torch import nn
+
+
+def tiny_vit(num_classes: int, image_size: int = 64) -> nn.Module:
+    """torchvision's VisionTransformer at a size that trains in seconds (2 layers, width 32)."""
+    return torchvision.models.VisionTransformer(image_size=image_size, patch_size=16, num_layers=2, num_heads=2,
+                                                hidden_dim=32, mlp_dim=64, num_classes=num_classes)
+
+
+class SmallNet(nn.Module):
+    """A user's own network with data-dependent control flow, which fx cannot trace: it runs eagerly."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.features = nn.Sequential(nn.Conv2d(3, 16, 3, 2, 1), nn.BatchNorm2d(16), nn.ReLU(),
+                                      nn.Conv2d(16, 32, 3, 2, 1), nn.BatchNorm2d(32), nn.ReLU())
+        self.classifier = nn.Linear(32, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.features(x)
+        if x.shape[-1] > 8:  # a shape test: symbolic tracing refuses it
+            x = nn.functional.avg_pool2d(x, 2)
+        return self.classifier(x.mean((2, 3)))
+
+
+def small_net(num_classes: int) -> nn.Module:
+    return SmallNet(num_classes)
+
+
+def not_a_model(num_classes: int):
+    return "a string"
