@@ -17,6 +17,8 @@ Modes (models are randomly initialised: speed does not depend on the weights):
   ddp-overhead    the same: student steps alternating with and without DDP's gradient all-reduce
   optimizer       one SGD and one AdamW step over the student's parameters: for-loop, multi-tensor (foreach) and
                   fused implementations side by side (one line each)
+  teacher-infer   the teacher's forward alone: eager under autocast vs kd's inference teacher (BN folded where
+                  the model traces, weights cast once, channels_last), alternating, on one synthetic batch
 A final `summary` line gives each mode's speed-up over reference and distill-cached's step time over student's.
 """
 from __future__ import annotations
@@ -58,10 +60,12 @@ ALPHA, TEMPERATURE = 0.1, 7.0
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--mode", nargs="+", default=list(MODES), choices=(*MODES, "allreduce", "ddp-overhead", "optimizer"),
-                   help="modes to measure, in this order (default: all but ddp-overhead, allreduce, optimizer)")
-    p.add_argument("--teacher", default="resnet101", help="teacher architecture (default: resnet101)")
-    p.add_argument("--student", default="resnet18", help="student architecture (default: resnet18)")
+    p.add_argument("--mode", nargs="+", default=list(MODES), choices=(*MODES, "allreduce", "ddp-overhead", "optimizer",
+                   "teacher-infer"), help="modes to measure, in this order (default: all but ddp-overhead, allreduce, "
+                   "optimizer, teacher-infer)")
+    p.add_argument("--teacher", default="resnet101", help="teacher architecture, any kd.models name: torchvision, "
+                   "timm:<name>, package.module:callable, CIFAR ResNets (default: resnet101)")
+    p.add_argument("--student", default="resnet18", help="student architecture, as --teacher (default: resnet18)")
     p.add_argument("--image-size", type=int, default=128, help="training crop in px (default: 128)")
     p.add_argument("--batch-size", type=int, default=32, help="images per step per process (default: 32)")
     p.add_argument("--steps", type=int, default=20, help="timed steps per mode (default: 20)")
@@ -140,8 +144,8 @@ def reference(args, device: torch.device, ids, num_classes: int):
         dataset = Subset(torchvision.datasets.ImageFolder(Path(args.data_dir) / "train", transform), ids)
         batches = forever(DataLoader(dataset, batch_size=args.batch_size, shuffle=True, drop_last=True,
                                      num_workers=args.workers, pin_memory=device.type == "cuda"))
-    student = build_model(args.student, num_classes).to(device)  # torchvision's models, as kd trains
-    teacher = build_model(args.teacher, num_classes).to(device).eval()
+    student = build_model(args.student, num_classes, image_size=args.image_size).to(device)  # as kd trains
+    teacher = build_model(args.teacher, num_classes, image_size=args.image_size).to(device).eval()
     optimizer = torch.optim.SGD(student.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     losses = []
 
@@ -222,7 +226,8 @@ class Setup:
 def kd_mode(mode: str, setup: Setup, ids, build_lines: list):
     args, acc = setup.args, setup.accelerator
     arch = args.teacher if mode == "teacher-train" else args.student
-    model = build_model(arch, setup.num_classes).to(memory_format=memory_format(args.channels_last))
+    model = build_model(arch, setup.num_classes, image_size=args.image_size).to(
+        memory_format=memory_format(args.channels_last))
     optimizer = build_optimizer(model, "sgd", 0.01, 5e-4, device=acc.device)
     model, optimizer = acc.prepare(model, optimizer)
     train_model = torch.compile(model) if setup.compile else model
@@ -230,7 +235,7 @@ def kd_mode(mode: str, setup: Setup, ids, build_lines: list):
     if mode in ("distill", "distill-cached"):
         # The cache's teacher runs eager, as `kd.teacher_cache build` does by default: its last, smaller chunk
         # would cost a second (dynamic-shape) compilation of the teacher for a one-off pass.
-        teacher = inference_teacher(build_model(args.teacher, setup.num_classes), acc.device,
+        teacher = inference_teacher(build_model(args.teacher, setup.num_classes, image_size=args.image_size), acc.device,
                                     autocast_dtype(args.precision), args.channels_last,
                                     setup.compile and mode == "distill")
         objective = Objective(teacher, ALPHA, TEMPERATURE)
@@ -261,7 +266,8 @@ def ddp_modes(mode: str, setup: Setup, ids) -> dict:
         raise UserError(f"--mode {mode} needs several processes: run under accelerate launch --num_processes 2")
     args, device = setup.args, setup.accelerator.device
     if mode == "allreduce":
-        params = sum(p.numel() for p in build_model(args.student, setup.num_classes).parameters())
+        params = sum(p.numel() for p in build_model(args.student, setup.num_classes,
+                                                    image_size=args.image_size).parameters())
         buffer = torch.zeros(params, device=device)
         for _ in range(args.warmup):
             dist.all_reduce(buffer)
@@ -293,7 +299,7 @@ def optimizer_steps(setup: "Setup") -> list[dict]:
     """Median time of one optimizer step over the student's parameters, per implementation; gradients are random
     (an optimizer step's cost does not depend on the values)."""
     args, device = setup.args, setup.accelerator.device
-    model = build_model(args.student, setup.num_classes).to(device)
+    model = build_model(args.student, setup.num_classes, image_size=args.image_size).to(device)
     for param in model.parameters():
         param.grad = torch.randn_like(param)
     lines = []
@@ -319,6 +325,33 @@ def optimizer_steps(setup: "Setup") -> list[dict]:
     return lines
 
 
+@torch.inference_mode()
+def teacher_inference(setup: "Setup") -> dict:
+    """Median forward time of the teacher, eager (fp32 weights, autocast) and as kd's inference teacher,
+    alternated step by step so a busy machine slows both alike."""
+    args, device = setup.args, setup.accelerator.device
+    dtype = autocast_dtype(args.precision)
+    eager = build_model(args.teacher, setup.num_classes, image_size=args.image_size).to(device).eval()
+    fast = inference_teacher(build_model(args.teacher, setup.num_classes, image_size=args.image_size), device, dtype,
+                             args.channels_last, setup.compile)
+    x = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
+    x = x.contiguous(memory_format=memory_format(args.channels_last))
+    times = {"eager": [], "fast": []}
+    for i in range(args.warmup + args.steps):
+        for name, model in (("eager", eager), ("fast", fast)):
+            synchronize(device)
+            start = time.perf_counter()
+            with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
+                model(x)
+            synchronize(device)
+            if i >= args.warmup:
+                times[name].append(1000 * (time.perf_counter() - start))
+    eager_ms, fast_ms = statistics.median(times["eager"]), statistics.median(times["fast"])
+    return {"eager_ms": round(eager_ms, 1), "inference_teacher_ms": round(fast_ms, 1),
+            "speedup": round(eager_ms / fast_ms, 3), "traced": isinstance(fast, torch.fx.GraphModule),
+            "precision": args.precision, "channels_last": args.channels_last, "compile": setup.compile}
+
+
 def main(argv=None) -> None:
     args = parse_args(argv)
     if args.threads:
@@ -340,6 +373,9 @@ def main(argv=None) -> None:
         for round_index in range(args.rounds):
             for mode in args.mode:
                 load = os.getloadavg()[0]
+                if mode == "teacher-infer":
+                    emit(setup, {"mode": mode, **base, **teacher_inference(setup), "round": round_index})
+                    continue
                 if mode == "optimizer":
                     for line in optimizer_steps(setup):
                         emit(setup, {"mode": mode, **line, **base, "round": round_index})

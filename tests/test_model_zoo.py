@@ -258,3 +258,13 @@ def test_fixed_size_teacher_at_another_size_and_unknown_student_are_one_line(vit
                       "--student-arch", "mobilenetv3", "--output-dir", tmp_path / "b", check=False)
     assert proc.returncode == 2 and "error: unknown architecture 'mobilenetv3'" in proc.stderr
     assert not (tmp_path / "b").exists()  # refused before anything was written
+
+
+def test_bench_takes_any_names_and_measures_the_inference_teacher():
+    from test_bench import bench
+
+    lines = bench("--synthetic", "--teacher", "timm:test_convnext", "--student", "mobilenet_v3_small", "--mode",
+                  "teacher-infer", "student", "--image-size", "32", "--batch-size", "4", "--steps", "2", "--warmup",
+                  "1", "--threads", "1")
+    assert [line["mode"] for line in lines] == ["teacher-infer", "student", "summary"]
+    assert lines[0]["teacher"] == "timm:test_convnext" and lines[0]["speedup"] > 0 and lines[0]["traced"]
