@@ -206,9 +206,10 @@ def vit_teacher(jpeg_folder, tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "tests.model_factories:tiny_vit", "timm:test_convnext",
-                                  "timm:resnet10t"])
+@pytest.mark.parametrize("arch", ["mobilenet_v3_small", "tests.model_factories:tiny_vit", "timm:test_convnext"])
 def test_train_each_family_end_to_end(arch, jpeg_folder, tmp_path):
+    """A torchvision CNN with SE blocks, torchvision's ViT from a user factory, a timm ConvNeXt; a timm ViT trains
+    in the vit_teacher fixture and timm:resnet10t is the cached run's student."""
     run_script("train_teacher.py", *E2E, "--data-dir", jpeg_folder, "--arch", arch, "--output-dir", tmp_path,
                "--lr", "0.01")
     model, meta = load_model_file(tmp_path)
@@ -253,10 +254,10 @@ def test_teacher_cache_built_by_a_vit_teacher(vit_teacher, jpeg_folder, tmp_path
 def test_fixed_size_teacher_at_another_size_and_unknown_student_are_one_line(vit_teacher, jpeg_folder, tmp_path):
     proc = run_script("distill.py", *E2E[:2], "--image-size", "96", *E2E[4:], "--data-dir", jpeg_folder,
                       "--teacher-checkpoint", vit_teacher, "--output-dir", tmp_path / "a", check=False)
-    assert proc.returncode == 2 and "built for 64 px inputs" in proc.stderr and not traceback_from_kd(proc.stderr)
+    assert proc.returncode != 0 and "built for 64 px inputs" in proc.stderr and not traceback_from_kd(proc.stderr)
     proc = run_script("distill.py", *E2E, "--data-dir", jpeg_folder, "--teacher-checkpoint", vit_teacher,
                       "--student-arch", "mobilenetv3", "--output-dir", tmp_path / "b", check=False)
-    assert proc.returncode == 2 and "error: unknown architecture 'mobilenetv3'" in proc.stderr
+    assert proc.returncode != 0 and "error: unknown architecture 'mobilenetv3'" in proc.stderr
     assert not (tmp_path / "b").exists()  # refused before anything was written
 
 

@@ -73,7 +73,9 @@ def pretrained_normalization(arch: str) -> tuple[tuple[float, ...], tuple[float,
 
 def input_normalization(arch: str, pretrained: bool = False, weights: str | None = None):
     """The (mean, std) a model's inputs must have: the one its weights were trained with (a kd model file's
-    recorded one, else the pretrained config's), or None (use the dataset's) for a model trained from scratch."""
+    recorded one, else the pretrained config's), or None (use the dataset's) for a model trained from scratch.
+    Called before anything is written, it is also where an unknown name or a bad factory is refused."""
+    family(arch)
     if weights:
         _, meta = read_file(weights)
         if meta is not None:
