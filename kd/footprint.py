@@ -231,7 +231,7 @@ def main(argv=None) -> list[dict]:
                 save(path.parent, figures)
             results.append({**figures, "model": str(path), "arch": meta["arch"]})
         for arch in args.arch:
-            model = build_model(arch, args.num_classes)
+            model = build_model(arch, args.num_classes, image_size=args.image_size)
             results.append({"model": None, "arch": arch,
                             **measure(model, args.image_size, None, torch.device("cpu"), args.budget)})
     for r in results:

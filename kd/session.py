@@ -217,8 +217,9 @@ class Session:
             tracker.summary({keys.TEACHER_VAL_ACC1: teacher_acc1})
 
         meta = {"arch": arch, "model": spec, "head": args.head, "num_classes": self.data.num_classes,
-                "class_names": self.data.class_names, "image_size": self.data.image_size, "mean": list(self.data.mean), "std": list(self.data.std),
-                "dataset": args.dataset, "job_type": self.job_type, "config": config}
+                "class_names": self.data.class_names, "image_size": self.data.image_size,
+                "mean": list(self.data.mean), "std": list(self.data.std), "dataset": args.dataset,
+                "job_type": self.job_type, "config": config}
 
         def on_epoch_end(trainer: Trainer, val_metrics: dict, is_best: bool) -> None:
             self.print(f"epoch {trainer.state.epoch}/{args.epochs}: " + ", ".join(
