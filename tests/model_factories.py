@@ -32,3 +32,18 @@ def small_net(num_classes: int) -> nn.Module:
 
 def not_a_model(num_classes: int):
     return "a string"
+
+
+class EigenNet(nn.Module):
+    """A network with an operator ONNX cannot express (torch.linalg.eigvals): kd.export must name it."""
+
+    def __init__(self, num_classes: int):
+        super().__init__()
+        self.fc = nn.Linear(3, num_classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc(torch.linalg.eigvals(x[:, :, :3, :3]).real.mean(-1))
+
+
+def eigen_net(num_classes: int) -> nn.Module:
+    return EigenNet(num_classes)

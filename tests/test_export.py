@@ -42,16 +42,19 @@ def cnn_file(tmp_path_factory):
                 module.running_mean.uniform_(-0.5, 0.5)
                 module.running_var.uniform_(0.5, 2.0)
     path = tmp_path_factory.mktemp("model") / "model_best.pt"
-    save_model_file(path, model.state_dict(), model_meta("resnet8"))
+    save_model_file(path, model.state_dict(), {**model_meta("resnet8"), "model": model.kd_spec})
     return path
 
 
-def tiny_vit():
+@pytest.fixture(scope="module")
+def vit_file(tmp_path_factory):
+    """A kd model file of torchvision's VisionTransformer, built by a user factory (tests/model_factories.py)."""
     torch.manual_seed(0)
-    vit = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2, hidden_dim=32,
-                                               mlp_dim=64, num_classes=3)
+    vit = build_model("model_factories:tiny_vit", 3, image_size=32)
     torch.nn.init.normal_(vit.heads.head.weight, std=0.5)  # torchvision zero-initializes the head
-    return vit.eval()
+    path = tmp_path_factory.mktemp("vit") / "model_best.pt"
+    save_model_file(path, vit.state_dict(), {**model_meta("model_factories:tiny_vit"), "model": vit.kd_spec})
+    return path
 
 
 def batches():
@@ -112,19 +115,24 @@ def test_safetensors_round_trip_and_metadata(cnn_file, tmp_path):
     assert meta["class_names"] == CLASSES and meta["arch"] == "resnet8" and meta["num_classes"] == 3
     with safe_open(str(out), "pt") as f:
         assert json.loads(f.metadata()["kd"]) == meta
-    rebuilt = build_model(meta["arch"], meta["num_classes"]).eval()  # from the JSON alone, as a user would
+    rebuilt = build_model(meta["arch"], meta["num_classes"], spec=meta["model"]).eval()  # from the JSON alone
     rebuilt.load_state_dict(load_file(str(out)))
     assert_same_outputs(load_model_file(cnn_file)[0], rebuilt)
 
 
-def test_vit_round_trip_every_format(tmp_path):
-    vit, meta = tiny_vit(), model_meta("vit-tiny")
-    assert export.export_onnx(vit, meta, tmp_path / "vit.onnx") < TOL
+def test_vit_round_trip_every_format(vit_file, tmp_path):
+    vit = load_model_file(vit_file)[0]
+    assert isinstance(vit, torchvision.models.VisionTransformer)
+    for fmt, name in (("onnx", "vit.onnx"), ("torchscript", "vit.ts"), ("safetensors", "vit.safetensors")):
+        assert export.export(vit_file, fmt, tmp_path / name)["max_abs_diff"] < TOL
     assert_same_outputs(vit, onnx_runner(tmp_path / "vit.onnx")[1])
-    assert export.export_torchscript(vit, meta, tmp_path / "vit.ts") < TOL
     loaded = torch.jit.load(str(tmp_path / "vit.ts"))
     assert_same_outputs(vit, lambda x: loaded(x).detach())
-    assert export.export_safetensors(vit, meta, tmp_path / "vit.safetensors") < TOL
+    meta = json.loads((tmp_path / "vit.json").read_text())
+    rebuilt = build_model(meta["arch"], meta["num_classes"], spec=meta["model"]).eval()  # from the JSON alone
+    from safetensors.torch import load_model
+    load_model(rebuilt, str(tmp_path / "vit.safetensors"))
+    assert_same_outputs(vit, rebuilt)
 
 
 def readme_inference_example() -> str:
@@ -174,15 +182,14 @@ def test_bad_inputs_are_one_line(cnn_file, tmp_path, capsys):
     assert load_model_file(cnn_file)[1]["arch"] == "resnet8"
 
 
-class Eigen(torch.nn.Module):
-    def forward(self, x):
-        return torch.linalg.eigvals(x[:, :, :3, :3]).real.sum(-1)
-
-
 def test_unexportable_operator_is_named(tmp_path):
+    model = build_model("model_factories:eigen_net", 3)
+    path = tmp_path / "model_best.pt"
+    save_model_file(path, model.state_dict(), {**model_meta("model_factories:eigen_net"), "model": model.kd_spec})
     with pytest.raises(UserError, match=r"aten\.linalg_eig has no ONNX translation"):
-        export.export_onnx(Eigen(), model_meta("eigen"), tmp_path / "e.onnx")
-    assert not list(tmp_path.iterdir())  # no half-written file
+        export.export(path, "onnx", tmp_path / "e.onnx")
+    assert not (tmp_path / "e.onnx").exists() and not list(tmp_path.glob(".*"))  # no half-written file
+    assert export.export(path, "torchscript", tmp_path / "e.ts")["max_abs_diff"] < TOL  # the other formats work
 
 
 def test_missing_extra_names_it(cnn_file, tmp_path, monkeypatch):
