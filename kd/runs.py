@@ -20,7 +20,8 @@ from typing import Iterable
 SHORT = {"method": "", "alpha": "a", "temperature": "T", "train_fraction": "f", "seed": "s"}
 LABEL = {"alpha": "α", "temperature": "T", "train_fraction": "labels"}
 # distill.py settings that a student-only run does not have (its alpha/temperature in config.json are unused
-# defaults); a gridded key outside these applies to the baseline too (e.g. train_fraction).
+# defaults): these and every flag of kd.config's distillation groups (see distill_keys); a gridded key outside
+# them applies to the baseline too (e.g. train_fraction).
 DISTILL_KEYS = frozenset({"method", "alpha", "temperature", "kl_reduction", "teacher_checkpoint", "teacher_cache"})
 ALWAYS_NAMED = ("alpha", "temperature")  # in every distilled run's name, gridded or not
 # Flags that differ between runs of one setting without changing what is trained (or say where it goes).
@@ -68,7 +69,7 @@ def student_points(grid: dict, distill_defaults: dict) -> tuple[list[dict], list
     """(baseline points, distilled points) of a students' grid: a baseline point per combination of the
     non-distillation keys; a distilled point per combination of all keys, alpha and temperature always
     present (from `distill_defaults` when not gridded), ordered method, alpha, temperature, then the rest."""
-    shared = {k: v for k, v in grid.items() if k not in DISTILL_KEYS}
+    shared = {k: v for k, v in grid.items() if k not in distill_keys()}
     baselines = expand_grid(shared)
     distilled = []
     for point in expand_grid(grid):
@@ -93,12 +94,12 @@ def settings(config: dict, varying: list[str]) -> tuple[dict, dict]:
     """(shared, distill) setting of a run: its values of the varying non-distillation keys (what its baseline
     must match), and for a distilled run its method (when varying), alpha, temperature and other varying
     distillation keys."""
-    shared = {k: config.get(k) for k in varying if k not in DISTILL_KEYS}
+    shared = {k: config.get(k) for k in varying if k not in distill_keys()}
     if config.get("job_type") != "distill":
         return shared, {}
     distill = {k: config.get(k) for k in ("method",) if k in varying}
     distill.update({k: config.get(k) for k in ALWAYS_NAMED})
-    distill.update({k: config.get(k) for k in varying if k in DISTILL_KEYS and k not in distill})
+    distill.update({k: config.get(k) for k in varying if k in distill_keys() and k not in distill})
     return shared, distill
 
 
@@ -111,3 +112,14 @@ def _flag_names() -> frozenset:
     parser = argparse.ArgumentParser(parents=[common_parser()], add_help=False)
     add_distill_flags(parser)
     return frozenset({a.dest for a in parser._actions} | {"arch", "student_arch", "method"})
+
+
+@functools.cache
+def distill_keys() -> frozenset:
+    """DISTILL_KEYS and every flag that kd.config.add_distill_flags adds (a method's own settings included)."""
+    import argparse
+
+    from kd.config import add_distill_flags
+    parser = argparse.ArgumentParser(add_help=False)
+    add_distill_flags(parser)
+    return DISTILL_KEYS | {a.dest for a in parser._actions}
