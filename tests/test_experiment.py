@@ -53,6 +53,7 @@ def error_of(tmp_path, capsys, doc, *extra) -> str:
     ({"epoch": 3}, "unknown key 'epoch'"),
     ({"defaults": {"epoch": 3}}, "'epoch' is not a flag of train_teacher.py: did you mean epochs?"),
     ({"defaults": {"alpha": 0.5}}, "defaults: 'alpha' is not a flag of train_teacher.py"),
+    ({"teacher__arch": "resnet88"}, "run teacher (train_teacher.py): unknown architecture 'resnet88'"),
     ({"teacher__student_arch": "resnet8"}, "teacher: 'student_arch' is not a flag of train_teacher.py"),
     ({"students__temprature": 4}, "'temprature' is not a flag of distill.py: did you mean temperature?"),
     ({"students__grid": {"alpah": [0.1]}}, "'alpah' is not a flag of distill.py: did you mean alpha?"),

@@ -125,6 +125,8 @@ def check_flags(run: Run) -> None:
     try:
         args = checker.parse_args(run.flags)
         validate(args)
+        from kd.models import family  # a model name the parser takes as any string
+        family(getattr(args, "arch", None) or args.student_arch)
     except UserError as exc:
         raise UserError(f"run {run.name} ({run.script}): {exc}") from None
 
@@ -238,7 +240,7 @@ def resolve(doc: dict, path: Path) -> Experiment:
     for seed in seeds:
         jobs = ([("student", p) for p in baselines] if baseline else []) + [("distill", p) for p in distilled]
         for job, point in jobs:
-            run_name = naming.run_name(job, point if job == "student" else point, seed)
+            run_name = naming.run_name(job, point, seed)
             out = root / run_name
             # the point's own values: a gridded key, or alpha/temperature already among the student flags
             own = {k: v for k, v in point.items() if grid and k in grid}
