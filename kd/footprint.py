@@ -109,6 +109,8 @@ def cuda_latency(model: nn.Module, image_size: int, device: torch.device, batch:
             timing = time_forward(lambda: model(x), sync=lambda: torch.cuda.synchronize(device), budget_s=budget_s)
     except torch.cuda.OutOfMemoryError:
         return {"device": torch.cuda.get_device_name(device), "error": f"out of memory at batch {batch}"}
+    except RuntimeError as exc:  # e.g. no bf16 kernels on an old GPU: the CPU figures still count
+        return {"device": torch.cuda.get_device_name(device), "error": str(exc).splitlines()[0][:200]}
     finally:
         model.cpu()
         torch.cuda.empty_cache()
