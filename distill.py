@@ -20,7 +20,7 @@ from kd.data import DataBundle
 from kd.engine import Objective
 from kd.errors import UserError, user_errors, warn
 from kd.compute import renormalized
-from kd.models import ARCH_HELP, build_model, input_normalization
+from kd.models import ARCH_HELP, build_model, fixed_input_size, input_normalization
 from kd.session import Session
 from kd.teacher_cache import TeacherCache
 
@@ -50,9 +50,8 @@ def load_teacher(path: str, data: DataBundle):
         diff = next(i for i, (a, b) in enumerate(zip(meta["class_names"], data.class_names)) if a != b)
         raise UserError(f"teacher {path} class {diff} is {meta['class_names'][diff]!r}, the dataset's is "
                         f"{data.class_names[diff]!r}: use the same class folders as the teacher's training data")
-    fixed = {"image_size", "img_size", "input_size"} & set(meta.get("model", {}).get("kwargs", {}))
     if meta["image_size"] != data.image_size:
-        if fixed:
+        if fixed_input_size(meta.get("model")):
             raise UserError(f"teacher {path} ({meta['arch']}) is built for {meta['image_size']} px inputs, this run "
                             f"uses --image-size {data.image_size}: distill at --image-size {meta['image_size']}")
         warn(f"teacher was trained at {meta['image_size']} px, distilling at {data.image_size} px")

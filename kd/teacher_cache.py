@@ -31,6 +31,7 @@ from kd.checkpoint import load_model_file, resolve_model_path
 from kd.compute import autocast_dtype, inference_teacher
 from kd.data import DataBundle, whole
 from kd.errors import UserError, user_errors
+from kd.models import fixed_input_size
 from kd.packed import PackedDataset, ensure_packs
 
 FORMAT = "kd-teacher-cache/1"
@@ -164,6 +165,9 @@ def build_cache(teacher_path: str, packs: dict[str, PackedDataset], image_size: 
     train, val = packs["train"], packs["val"]
     if teacher_meta["class_names"] != train.classes:
         raise UserError(f"teacher {model_path} was trained on other classes than {train.meta['source']}")
+    if fixed_input_size(teacher_meta.get("model")) and teacher_meta["image_size"] != image_size:
+        raise UserError(f"teacher {model_path} ({teacher_meta['arch']}) is built for {teacher_meta['image_size']} px "
+                        f"inputs: build the cache with --image-size {teacher_meta['image_size']}")
     dtype = autocast_dtype(mixed_precision)
     teacher = inference_teacher(model, device, dtype, channels_last, compile)
     # The teacher's own normalization: a student normalized another way replays the same crops (kd.augment views).

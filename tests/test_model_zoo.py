@@ -121,7 +121,7 @@ def test_weights_from_local_files_drop_a_classifier_of_another_class_count(tmp_p
     assert input_normalization("timm:test_vit") is None  # from scratch: the dataset's
 
     save_model_file(tmp_path / "kd.pt", model.state_dict(), meta_for("timm:test_vit", model, mean=(0.1,) * 3))
-    again = build_model("timm:test_vit", 3, weights=str(tmp_path / "kd.pt"), image_size=64)
+    again = build_model("timm:test_vit", 3, weights=str(tmp_path / "kd.pt"), image_size=64, pretrained=True)  # no download
     assert torch.equal(again.head.weight, model.head.weight) and again.kd_normalization[0] == (0.1,) * 3
 
     with pytest.raises(UserError, match="does not fit"):

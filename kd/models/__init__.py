@@ -113,9 +113,10 @@ def build_model(arch: str, num_classes: int, pretrained: bool = False, head: str
         state_dict, meta = read_file(weights)
     spec = dict(spec) if spec else model_spec(arch, image_size, pretrained or (bool(weights) and meta is None))
     timm_file = weights if spec["source"] == "timm" and weights and meta is None else None
-    model = _construct(spec, num_classes, pretrained and spec["source"] != "torchvision", timm_file)
+    download = pretrained and not weights  # a local file replaces the download
+    model = _construct(spec, num_classes, download and spec["source"] != "torchvision", timm_file)
     classifier = replace_head(model, head, num_classes)
-    if spec["source"] == "torchvision" and pretrained and not weights:
+    if spec["source"] == "torchvision" and download:
         state_dict = torchvision_zoo.pretrained_state_dict(spec["name"])
     if state_dict is not None and timm_file is None:
         if spec["source"] == "torchvision":
@@ -130,11 +131,17 @@ def build_model(arch: str, num_classes: int, pretrained: bool = False, head: str
     return model
 
 
+def fixed_input_size(spec: dict | None) -> bool:
+    """Whether a recorded model only takes the image size it was built for (ViTs and the like)."""
+    return bool({"image_size", "img_size", "input_size"} & set((spec or {}).get("kwargs", {})))
+
+
 def spec_of(model: nn.Module, arch: str) -> dict:
     """The recorded spec of a model built here (or of a bare torchvision/CIFAR module passed in by a caller)."""
     found = getattr(model, "kd_spec", None)
     return found if found is not None else model_spec(arch)
 
 
-__all__ = ["ARCH_HELP", "CIFAR_ARCHS", "HEADS", "build_model", "classifier_name", "family", "input_normalization",
+__all__ = ["ARCH_HELP", "CIFAR_ARCHS", "HEADS", "build_model", "classifier_name", "family", "fixed_input_size",
+           "input_normalization",
            "model_spec", "pretrained_normalization", "spec_of"]
