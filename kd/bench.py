@@ -44,7 +44,8 @@ from torchvision import transforms as T
 
 from kd.augment import DeviceAugment
 from kd.checkpoint import TrainState
-from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memory_format
+from kd.compute import PRECISIONS, autocast_dtype, compile_enabled, cpu_flags, inference_teacher, memory_format, \
+    resolve_precision
 from kd.data import IMAGENET_MEAN, IMAGENET_STD
 from kd.engine import Objective, Trainer
 from kd.errors import UserError, user_errors
@@ -76,11 +77,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     data.add_argument("--data-dir", help="a folder holding train/<class>/*: data loading measured end to end")
     data.add_argument("--synthetic", action="store_true", help="one fixed batch on the device: compute only")
     p.add_argument("--pack-size", type=int, help="train pack side in px (default: as distill.py)")
-    p.add_argument("--packed-dir", help="where packs are (default: $KD_DATA_CACHE/packed/<data folder name>)")
+    p.add_argument("--packed-dir", help="where packs are (default: "
+                   "$KD_DATA_CACHE/packed/<data folder name>-<path hash>)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers, every mode (default: 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--precision", default="bf16", choices=("no", "bf16", "fp16"), help="autocast of the kd modes; "
-                   "reference is fp32 (default: bf16)")
+    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast of the kd modes; reference is "
+                   "fp32. auto: bf16 where the device has it natively, else fp32, as in training (default: auto)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="(default: on for cuda)")
     p.add_argument("--views", type=int, default=4, help="cached views per image, distill-cached (default: 4)")
@@ -358,6 +360,8 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with user_errors():
+        args.precision, precision_reason = resolve_precision(args.precision, device, "--precision")
+        print(f"precision {args.precision} ({precision_reason})", file=sys.stderr, flush=True)
         setup = Setup(args, device)
         device = setup.accelerator.device
         rng = np.random.default_rng(0)
@@ -368,7 +372,8 @@ def main(argv=None) -> None:
         base = {"device": device_name(device), "teacher": args.teacher, "student": args.student,
                 "image_size": args.image_size, "batch_size": args.batch_size, "steps": args.steps,
                 "warmup": args.warmup, "workers": args.workers, "processes": setup.accelerator.num_processes,
-                "date": datetime.date.today().isoformat(), "torch": torch.__version__}
+                "date": datetime.date.today().isoformat(), "torch": torch.__version__,
+                "cpu_bf16_flags": sorted(cpu_flags()) or None}
         results: dict[str, list[float]] = {}
         for round_index in range(args.rounds):
             for mode in args.mode:

@@ -1,11 +1,58 @@
-"""How the models run: memory format, torch.compile, and the frozen teacher prepared for inference only."""
+"""How the models run: precision, memory format, torch.compile, and the frozen teacher prepared for inference."""
 from __future__ import annotations
+
+import os
 
 import torch
 from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
+from kd.errors import UserError
+
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = ("auto", "no", "bf16", "fp16")
+
+
+def cpu_flags() -> set[str]:
+    """The CPU's bf16 features by torch's own detection (cpuinfo), else /proc/cpuinfo's flags."""
+    try:
+        caps = torch._C._cpu._get_cpu_capability()
+        return {name for name in ("avx512_bf16", "amx_bf16") if caps.get(name)}
+    except (AttributeError, RuntimeError):
+        try:
+            with open("/proc/cpuinfo") as f:
+                flags = next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), [])
+        except OSError:
+            return set()
+        return {name for name in ("avx512_bf16", "amx_bf16") if name in flags}
+
+
+def native_bf16(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    return device.type == "cpu" and bool(cpu_flags())
+
+
+def resolve_precision(requested: str | None, device: torch.device, flag: str = "--mixed-precision") -> tuple[str, str]:
+    """(precision, why) for autocast on `device`. auto: bf16 where the hardware computes it natively (CUDA with
+    bf16, CPUs with AVX512_BF16 or AMX), else fp32 ('no'): emulated bf16 autocast on an AVX-512/AVX2 CPU is about
+    2x slower than fp32 (BENCHMARKS.md). fp16 needs a GPU: on a CPU there is no fp16 loss scaling to run it."""
+    device = torch.device(device)
+    requested = requested or "auto"
+    if requested == "auto":
+        launcher = os.environ.get("ACCELERATE_MIXED_PRECISION", "no")
+        if launcher in ("bf16", "fp16"):  # set by `accelerate launch --mixed_precision` or its config file
+            requested, origin = launcher, "from accelerate launch"
+        elif native_bf16(device):
+            return "bf16", f"auto: native bf16 on this {device.type}"
+        else:
+            return "no", f"auto: fp32, this {device.type} has no native bf16"
+    else:
+        origin = f"{flag} {requested}"
+    if requested == "fp16" and device.type != "cuda":
+        raise UserError(f"fp16 ({origin}) needs a CUDA GPU (fp16 loss scaling); on a {device.type} pass {flag} "
+                        f"bf16 or no, or leave it at auto")
+    return requested, origin
 
 
 def autocast_dtype(mixed_precision: str | None) -> torch.dtype:

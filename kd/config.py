@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import argparse
+import math
 
+from kd.compute import PRECISIONS
 from kd.data import DATASETS
 from kd.errors import UserError
-from kd.fastai_data import VARIANTS
+from kd.fastai_data import VARIANTS, infer_dataset
 from kd.losses import KL_REDUCTIONS
 from kd.models.heads import HEADS
 
@@ -16,7 +18,9 @@ DEFAULT_LR = {"sgd": 0.1, "adamw": 1e-3}
 def common_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default="imagewoof", choices=DATASETS, help="dataset (default: imagewoof)")
+    g.add_argument("--dataset", default="auto", choices=("auto", *DATASETS), help="dataset; auto: imagewoof or "
+                   "imagenette for a fast.ai copy (a --data-dir named imagewoof2-160 etc., or holding one), "
+                   "imagefolder for any other --data-dir, imagewoof (downloaded) without one (default: auto)")
     g.add_argument("--data-dir", help="dataset root: a folder with train/<class>/* and val/<class>/*, or where to "
                    "download/find imagewoof, imagenette and cifar (default: $KD_DATA_CACHE or ~/.cache/kd/data)")
     g.add_argument("--dataset-variant", default="auto", choices=("auto", *VARIANTS),
@@ -39,7 +43,7 @@ def common_parser() -> argparse.ArgumentParser:
                    "samples inside it (default: the images' median short side, at most 3.5 x --image-size, at least "
                    "--image-size / 0.875)")
     g.add_argument("--packed-dir", help="packed: where packs are read or built (default: "
-                   "$KD_DATA_CACHE/packed/<data folder name>)")
+                   "$KD_DATA_CACHE/packed/<data folder name>-<path hash>)")
     g = p.add_argument_group("optimization")
     g.add_argument("--epochs", type=int, default=20, help="training epochs (default: 20)")
     g.add_argument("--batch-size", type=int, default=64, help="images per process per step; the global batch is "
@@ -55,8 +59,10 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--warmup-epochs", type=float, default=1.0, help="linear LR warmup before the per-step cosine "
                    "decay, in epochs (default: 1)")
     g.add_argument("--clip-grad-norm", type=float, default=0.0, help="max gradient norm; 0 disables (default: 0)")
-    g.add_argument("--mixed-precision", choices=("no", "fp16", "bf16"), help="autocast precision (default: from "
-                   "`accelerate launch` / accelerate_config.yaml, else no)")
+    g.add_argument("--mixed-precision", default="auto", choices=PRECISIONS, help="autocast precision. auto: what "
+                   "`accelerate launch --mixed_precision` or its config file asks for if bf16 or fp16, else bf16 where "
+                   "the hardware has it natively (CUDA GPUs with bf16, CPUs with AVX512_BF16 or AMX) and fp32 (no) "
+                   "elsewhere; the choice is logged. fp16 needs a CUDA GPU (default: auto)")
     g.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True,
                    help="NHWC memory layout for the models and batches, what bf16 convolution kernels want "
                    "(default: on)")
@@ -73,13 +79,19 @@ def common_parser() -> argparse.ArgumentParser:
     g.add_argument("--head", default="linear", choices=HEADS, help="final "
                    "layer: linear, or the reference experiment's MLP heads (mlp-teacher: 2x2048 with dropout 0.95; "
                    "mlp-student: 2x128) (default: linear)")
-    g = p.add_argument_group("run")
-    g.add_argument("--output-dir", help="where checkpoints, model files and metrics.jsonl go")
+    g = p.add_argument_group("run", "Stopping: SIGTERM, SIGUSR1 (Slurm) or Ctrl-C saves the full state at the next "
+                             "log step\n(at most --log-every steps later) and exits with code 3; a second signal 2 s "
+                             "later exits at once.\nRun again with --resume to continue. Bad input: one `error:` "
+                             "line, exit code 2.")
+    g.add_argument("--output-dir", help="where checkpoints, model files and metrics.jsonl go; one run per dir, "
+                   "locked while it runs (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0, help="random seed; on CPU the same seed gives the same metrics "
                    "(default: 0)")
     g.add_argument("--resume", nargs="?", const="auto", help="continue a run: with no value, from the latest "
                    "complete checkpoint in --output-dir (starts fresh if there is none); or from the given "
-                   "checkpoint folder")
+                   "checkpoint folder. The recipe flags must be the saved ones; the number of processes, "
+                   "--batch-size and --grad-accum-steps may change (the epoch continues with its remaining "
+                   "samples), and --epochs (a new LR cosine segment); each resume is recorded in config.json")
     g.add_argument("--overwrite", action="store_true", help="start over in an --output-dir that holds another run, "
                    "deleting its checkpoints, model files and metrics")
     g.add_argument("--checkpoint-every", type=int, default=1, help="save the full training state every N epochs "
@@ -88,8 +100,8 @@ def common_parser() -> argparse.ArgumentParser:
                    "(default: 2)")
     g.add_argument("--dist-timeout", type=int, default=1800, help="seconds a process waits for the others in a "
                    "collective before failing, so a dead rank cannot hang the job (default: 1800)")
-    g.add_argument("--log-every", type=int, default=20, help="log training metrics every N optimizer steps "
-                   "(default: 20)")
+    g.add_argument("--log-every", type=int, default=20, help="log training metrics every N optimizer steps; a stop "
+                   "signal is acted on at the next of these steps (default: 20)")
     g = p.add_argument_group("tracking")
     g.add_argument("--report-to", default="wandb", choices=("wandb", "none"), help="experiment tracker; W&B runs "
                    "offline when not logged in (default: wandb)")
@@ -118,8 +130,17 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
 
 def validate(args: argparse.Namespace) -> None:
     """Checks that argparse cannot express; raises UserError naming the flag."""
+    floats = ["lr", "momentum", "weight_decay", "warmup_epochs", "clip_grad_norm", "alpha", "temperature"]
+    for name in floats:
+        value = getattr(args, name, None)
+        if value is not None and not math.isfinite(value):
+            raise UserError(f"--{name.replace('_', '-')} must be a finite number, got {value}")
     checks = [
         (args.epochs >= 1, f"--epochs must be >= 1, got {args.epochs}"),
+        (args.warmup_epochs <= args.epochs, f"--warmup-epochs {args.warmup_epochs:g} is longer than the run "
+         f"(--epochs {args.epochs}): the LR would never reach its peak; lower --warmup-epochs"),
+        (args.momentum >= 0, f"--momentum must be >= 0, got {args.momentum}"),
+        (args.clip_grad_norm >= 0, f"--clip-grad-norm must be >= 0 (0 disables), got {args.clip_grad_norm}"),
         (args.batch_size >= 1, f"--batch-size must be >= 1, got {args.batch_size}"),
         (args.grad_accum_steps >= 1, f"--grad-accum-steps must be >= 1, got {args.grad_accum_steps}"),
         (args.image_size is None or args.image_size >= 16, f"--image-size must be >= 16 px, got {args.image_size}"),
@@ -144,5 +165,7 @@ def validate(args: argparse.Namespace) -> None:
     for ok, message in checks:
         if not ok:
             raise UserError(message)
+    if args.dataset == "auto":
+        args.dataset = infer_dataset(args.data_dir)
     if args.lr is None:
         args.lr = DEFAULT_LR[args.opt]

@@ -7,16 +7,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Sampler
 from torchvision import datasets as tv_datasets
 from torchvision import transforms as T
 
+from kd.augment import stream_key
 from kd.errors import UserError, warn
 from kd.fastai_data import FASTAI_DATASETS, resolve_fastai_root
 
 DATASETS = (*FASTAI_DATASETS, "imagefolder", "cifar10", "cifar100", "synthetic")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 CIFAR_MEAN, CIFAR_STD = (0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)
+AUGMENT_STREAM = 0xF01DE5  # folder augmentation seeds: a stream of their own, apart from the packed path's views
 DEFAULT_CACHE = Path(os.environ.get("KD_DATA_CACHE", Path.home() / ".cache" / "kd" / "data"))
 
 
@@ -39,17 +41,58 @@ class DataBundle:
 
 
 class IndexedDataset(Dataset):
-    """Wraps a (image, label) dataset to yield (image, label, index)."""
+    """Wraps a (image, label) dataset to yield (image, label, index). With a seed, the random transforms of sample
+    `index` in epoch `epoch` draw from a generator seeded by (seed, epoch, index) alone, not from the worker's
+    stream: a resumed run that skips the batches already trained, or trains them on other processes, gives each
+    sample the same crop and flip as the uninterrupted run."""
 
-    def __init__(self, dataset: Dataset):
-        self.dataset = dataset
+    def __init__(self, dataset: Dataset, seed: int | None = None):
+        self.dataset, self.seed, self.epoch = dataset, seed, 0
 
     def __len__(self) -> int:
         return len(self.dataset)
 
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def __getitem__(self, index: int):
-        image, label = self.dataset[index]
+        if self.seed is None:
+            image, label = self.dataset[index]
+        else:
+            with torch.random.fork_rng(devices=[]):  # the process's own stream (dropout, ...) is left untouched
+                torch.manual_seed(stream_key(self.seed, AUGMENT_STREAM, self.epoch, index))
+                image, label = self.dataset[index]
         return image, label, index
+
+
+class EpochSampler(Sampler):
+    """The training order: a permutation of the train set per epoch, seeded by (seed, epoch), the same on every
+    process (Accelerate's sharding cuts it into per-process batches) and for every process count and batch size;
+    the order of Accelerate's SeedableRandomSampler. `resume_at(epoch, offset)` starts that epoch at permutation
+    position `offset`: a run resumed mid-epoch, even on other processes or with another batch size, trains the
+    samples the interrupted one had not reached, each once."""
+
+    def __init__(self, data_source: Dataset, seed: int):
+        self.data_source, self.seed, self.epoch, self.resume = data_source, seed, 0, (-1, 0)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        target = whole(self.data_source)
+        if hasattr(target, "set_epoch"):  # per-sample augmentation seeds (Accelerate calls only one of the two)
+            target.set_epoch(epoch)
+
+    def resume_at(self, epoch: int, offset: int) -> None:
+        self.resume = (epoch, offset)
+
+    def start(self) -> int:
+        return self.resume[1] if self.resume[0] == self.epoch else 0
+
+    def __len__(self) -> int:
+        return len(self.data_source) - self.start()
+
+    def __iter__(self):
+        generator = torch.Generator().manual_seed(self.seed + self.epoch)
+        yield from torch.randperm(len(self.data_source), generator=generator)[self.start():].tolist()
 
 
 class SyntheticDataset(Dataset):
@@ -218,4 +261,5 @@ def build_datasets(
     else:
         folder = resolve_fastai_root(dataset, variant, image_size, root, download)
         train, val, classes = _image_folders(folder, dataset, image_size, mean, std, skip_corrupt)
-    return DataBundle(IndexedDataset(train), IndexedDataset(val), list(classes), tuple(mean), tuple(std), image_size)
+    return DataBundle(IndexedDataset(train, seed), IndexedDataset(val), list(classes), tuple(mean), tuple(std),
+                      image_size)

@@ -14,6 +14,7 @@ from kd import tracking as keys
 from kd.checkpoint import TrainState
 from kd.errors import UserError
 from kd.losses import kd_loss_terms
+from kd.optim import EpochSchedule
 from kd.signals import StopRequest, Stopped
 
 
@@ -87,7 +88,7 @@ class Trainer:
     model: nn.Module
     objective: Objective
     optimizer: torch.optim.Optimizer
-    scheduler: torch.optim.lr_scheduler.LRScheduler
+    schedule: EpochSchedule | None
     train_loader: object
     val_loader: object
     tracker: keys.Tracker
@@ -101,6 +102,8 @@ class Trainer:
     stop: StopRequest = field(default_factory=StopRequest)
     batch_transform: object = None  # callable(images, indices, epoch) -> (model input, cached teacher logits | None)
     eval_transform: object = None  # callable(images) -> model input
+    on_start: object = None  # callable() -> None, once, after the first step worked (the run then owns its dir)
+    started: bool = False
     images_seen: int = 0
     train_seconds: float = 0.0
 
@@ -110,6 +113,7 @@ class Trainer:
             self.train_one_epoch(epoch)
             val_metrics = self.evaluate()
             self.state.epoch, self.state.step_in_epoch, self.state.epoch_loss_sum = epoch + 1, 0, 0.0
+            self.state.samples_in_epoch = 0
             is_best = val_metrics[keys.VAL_ACC1] > self.state.best_acc1
             if is_best:
                 self.state.best_acc1, self.state.best_epoch = val_metrics[keys.VAL_ACC1], epoch + 1
@@ -118,42 +122,67 @@ class Trainer:
             self.on_epoch_end(self, val_metrics, is_best)
             if (epoch + 1) % self.checkpoint_every == 0 or epoch + 1 == self.epochs:
                 self.save_state(self.state)
+        self.start()  # a resumed finished run trains nothing, but it is started
         return val_metrics
+
+    def start(self) -> None:
+        if not self.started:
+            self.started = self.stop.training = True
+            if self.on_start is not None:
+                self.on_start()
 
     def evaluate(self) -> dict:
         return evaluate(self.accelerator, self.model, self.val_loader, self.objective, self.eval_transform)
+
+    def _set_lr(self, epoch: int, done: int, epoch_samples: int) -> None:
+        """The LR of the next optimizer step, from the training progress in epochs (samples, not steps)."""
+        if self.schedule is None:
+            return
+        if done >= epoch_samples:
+            epoch, done = epoch + 1, 0
+        step = self.train_loader.total_batch_size * self.accelerator.gradient_accumulation_steps
+        self.schedule.at(epoch + done / epoch_samples, epoch + min(done + step, epoch_samples) / epoch_samples)
 
     def train_one_epoch(self, epoch: int) -> None:
         acc, state = self.accelerator, self.state
         self.model.train()
         self.train_loader.set_epoch(epoch)
-        loader, first = self.train_loader, state.step_in_epoch
-        if first:  # resuming mid-epoch: the sampler order is the same, skip the batches already trained on
-            loader = acc.skip_first_batches(self.train_loader, first)
+        # Progress counts samples over all processes: the train sampler continues a resumed epoch at sample
+        # `start` (kd.data.EpochSampler) whatever the processes and batch size were when it stopped.
+        global_batch = self.train_loader.total_batch_size
+        epoch_samples = len(self.train_loader.dataset) // global_batch * global_batch
+        start = state.samples_in_epoch
+        done = start
+        self._set_lr(epoch, done, epoch_samples)
         window = _Window(acc.device)
-        epoch_loss = torch.full((), state.epoch_loss_sum if first else 0.0, device=acc.device)
-        bar = tqdm(loader, desc=f"epoch {epoch + 1}/{self.epochs}", initial=first, total=len(self.train_loader),
-                   disable=not acc.is_local_main_process, leave=False)
+        # per process, sample-weighted; a resumed epoch carries the sum of the samples trained before the stop
+        epoch_loss = torch.full((), state.epoch_loss_sum / acc.num_processes if start else 0.0, device=acc.device)
+        first = start // global_batch
+        bar = tqdm(self.train_loader, desc=f"epoch {epoch + 1}/{self.epochs}", initial=first,
+                   total=first + len(self.train_loader), disable=not acc.is_local_main_process, leave=False)
         for batch_index, (images, targets, indices) in enumerate(bar, start=first):
             loss, parts = self.train_step(images, targets, indices, epoch)
+            if not self.started:
+                self.start()
             window.add(loss, parts, images.shape[0], state.global_step)
-            epoch_loss += loss.detach()
+            epoch_loss += loss.detach() * images.shape[0]
+            done += global_batch
             if not acc.sync_gradients:
                 continue
-            self.scheduler.step()
             state.global_step += 1
+            self._set_lr(epoch, done, epoch_samples)
             if state.global_step % self.log_every == 0:
                 self._log_window(window, epoch)
                 # Stop only where a log window closes: one agreement per window, and a resumed run logs the
                 # same records as an uninterrupted one.
                 if self.stop.agreed(acc):
-                    state.step_in_epoch = batch_index + 1
-                    state.epoch_loss_sum = acc.reduce(epoch_loss.clone(), reduction="mean").item()
+                    state.step_in_epoch, state.samples_in_epoch = batch_index + 1, done
+                    state.epoch_loss_sum = acc.reduce(epoch_loss.clone(), reduction="sum").item()
                     self.save_state(state)
                     raise Stopped()
         if window.count:
             self._log_window(window, epoch)
-        mean_loss = acc.reduce(epoch_loss, reduction="mean").item() / len(self.train_loader)
+        mean_loss = acc.reduce(epoch_loss, reduction="sum").item() / max(done, 1)
         self.tracker.log({keys.TRAIN_EPOCH_LOSS: mean_loss, keys.EPOCH: epoch + 1}, step=state.global_step)
 
     def train_step(self, images, targets, indices, epoch: int) -> tuple[torch.Tensor, dict]:
@@ -181,7 +210,7 @@ class Trainer:
         seconds = window.elapsed()
         self.images_seen += window.images * acc.num_processes
         self.train_seconds += seconds
-        values[keys.TRAIN_LR] = self.scheduler.get_last_lr()[0]
+        values[keys.TRAIN_LR] = self.schedule.get_last_lr()[0]
         values[keys.TRAIN_IMG_PER_S] = window.images * acc.num_processes / seconds
         values[keys.EPOCH] = epoch + 1
         self.tracker.log(values, step=self.state.global_step)

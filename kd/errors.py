@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import sys
+from pathlib import Path
 
 
 class UserError(Exception):
@@ -29,9 +31,37 @@ def user_errors():
         sys.exit(EXIT_USER_ERROR)
     except Stopped:
         sys.exit(EXIT_STOPPED)
+    except OSError as exc:  # a full disk anywhere (metrics, config, model files): one line, not a traceback
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"error: {no_space_message(exc.filename or os.getcwd())}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
 
 
 def warn(message: str) -> None:
     """One line on stderr, from the first process only (the others would repeat it)."""
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def free_bytes(path: str | Path) -> int:
+    """Space left on the filesystem holding `path` (for this user: root may also use the reserved blocks)."""
+    path = Path(path)
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    st = os.statvfs(path)
+    return (st.f_bfree if os.geteuid() == 0 else st.f_bavail) * st.f_frsize
+
+
+def mount_point(path: str | Path) -> Path:
+    path = Path(path).resolve()
+    while not path.exists() or not os.path.ismount(path):
+        path = path.parent
+    return path
+
+
+def no_space_message(path: str | Path, needed: int | None = None) -> str:
+    need = f", about {needed / 2**20:.1f} MB needed" if needed else ""
+    return (f"no space left on {mount_point(path)} writing {path} ({free_bytes(path) / 2**20:.1f} MB free{need}): "
+            f"free space there, then run again with --resume (what was saved before is intact)")

@@ -38,6 +38,21 @@ def pick_variant(image_size: int) -> str:
     return "160" if resize <= 160 else "320" if resize <= 320 else "full"
 
 
+def infer_dataset(data_dir: str | None) -> str:
+    """--dataset auto: imagewoof / imagenette for a fast.ai copy (a folder named as its archive, or holding one),
+    imagefolder for any other folder, imagewoof (downloaded) without --data-dir."""
+    if not data_dir:
+        return "imagewoof"
+    root = Path(data_dir).expanduser()
+    names = [root.name] + ([p.name for p in root.iterdir() if p.is_dir()] if root.is_dir() and not _has_splits(root)
+                           else [])
+    for name in names:
+        for dataset in FASTAI_DATASETS:
+            if name in (archive_stem(dataset, v) for v in VARIANTS):
+                return dataset
+    return "imagefolder"
+
+
 def _has_splits(path: Path) -> bool:
     return (path / "train").is_dir() and (path / "val").is_dir()
 

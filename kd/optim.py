@@ -51,14 +51,37 @@ def is_fused(optimizer: torch.optim.Optimizer) -> bool:
     return all(group.get("fused") for group in getattr(optimizer, "optimizer", optimizer).param_groups)
 
 
-def warmup_cosine(optimizer: torch.optim.Optimizer, warmup_steps: int, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Linear warmup from ~0 to the peak LR over `warmup_steps`, then cosine decay to 0 at `total_steps`.
-    Stepped once per optimizer step."""
+class EpochSchedule:
+    """Linear warmup to the peak LR over `warmup_epochs`, then cosine decay to 0 at `epochs`, as a function of the
+    fraction of training done in epochs rather than of a step count: a run resumed with another number of
+    processes or batch size (other steps per epoch) continues the same curve. `segments` are the extensions of
+    a resumed run that changed --epochs: from epoch `start` the LR falls from `factor` x peak to 0 at `end` along a
+    cosine of its own. Set once per optimizer step, before it (`at`)."""
 
-    def factor(step: int) -> float:
-        if step < warmup_steps:
-            return (step + 1) / warmup_steps
-        progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-        return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+    def __init__(self, optimizer: torch.optim.Optimizer, lr: float, warmup_epochs: float, epochs: float,
+                 segments: list[dict] = ()):
+        self.optimizer, self.lr, self.warmup, self.epochs = optimizer, lr, warmup_epochs, epochs
+        self.segments = segments
+        self.last = lr
 
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+    def factor(self, start: float, end: float) -> float:
+        """The LR factor of an optimizer step covering training progress [start, end) in epochs."""
+        for segment in reversed(self.segments):
+            if start >= segment["start"]:
+                span = max(segment["end"] - segment["start"], 1e-9)
+                return segment["factor"] * _cosine((start - segment["start"]) / span)
+        if start < self.warmup:
+            return min(1.0, end / self.warmup)
+        return _cosine((start - self.warmup) / max(self.epochs - self.warmup, 1e-9))
+
+    def at(self, start: float, end: float) -> None:
+        self.last = self.lr * self.factor(start, end)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.last
+
+    def get_last_lr(self) -> list[float]:
+        return [self.last]
+
+
+def _cosine(progress: float) -> float:
+    return 0.5 * (1.0 + math.cos(math.pi * min(1.0, max(0.0, progress))))

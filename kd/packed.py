@@ -37,7 +37,7 @@ from torchvision.transforms import functional as TF
 
 from kd.data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, DataBundle
 from kd.errors import UserError, user_errors
-from kd.fastai_data import FASTAI_DATASETS, resolve_fastai_root
+from kd.fastai_data import FASTAI_DATASETS, infer_dataset, resolve_fastai_root
 
 FORMAT = "kd-packed/1"
 SPLITS = ("train", "val")
@@ -220,7 +220,10 @@ def _source_root(dataset: str, data_dir: str | None, variant: str, image_size: i
 
 
 def default_packed_dir(source: Path) -> Path:
-    return DEFAULT_CACHE / "packed" / source.resolve().name
+    """Keyed by the folder's name and a hash of its absolute path: two datasets in folders of the same name
+    (two `imagewoof2-160` copies, two `data/` dirs) get packs of their own instead of evicting each other."""
+    source = source.resolve()
+    return DEFAULT_CACHE / "packed" / f"{source.name}-{hashlib.sha1(str(source).encode()).hexdigest()[:8]}"
 
 
 def default_pack_size(samples: list[tuple[str, int]], image_size: int) -> int:
@@ -379,13 +382,15 @@ def main(argv=None) -> None:
     for name, text in (("build", "pack train and val from the image folders"),
                        ("export", "build if needed, then write both packs as JPEGs into one .npz")):
         p = sub.add_parser(name, help=text)
-        p.add_argument("--dataset", default="imagefolder", help="imagefolder, imagewoof or imagenette "
-                       "(default: imagefolder)")
+        p.add_argument("--dataset", default="auto", choices=("auto", "imagefolder", "imagewoof", "imagenette"),
+                       help="as distill.py's: auto picks imagewoof/imagenette for a fast.ai copy, else imagefolder "
+                       "(default: auto)")
         p.add_argument("--data-dir", help="folder holding train/<class>/* and val/<class>/*")
         p.add_argument("--image-size", type=int, required=True, help="training crop and eval size in px")
         p.add_argument("--pack-size", type=int, help="train pack side in px (default: the images' median short "
                        "side, at most 3.5 x image size, at least image size / 0.875)")
-        p.add_argument("--packed-dir", help="where packs go (default: $KD_DATA_CACHE/packed/<data folder name>)")
+        p.add_argument("--packed-dir", help="where packs go (default: "
+                       "$KD_DATA_CACHE/packed/<data folder name>-<path hash>)")
         p.add_argument("--workers", type=int, default=0, help="decoding processes (default: one per CPU)")
         p.add_argument("--skip-corrupt", action="store_true", help="leave unreadable images out instead of failing")
         if name == "export":
@@ -406,7 +411,8 @@ def main(argv=None) -> None:
             return
         if args.command == "export":
             check_writable_file(Path(args.out).expanduser())  # before the decoding, not after
-        packs = ensure_packs(args.image_size, args.pack_size, dataset=args.dataset,
+        dataset = infer_dataset(args.data_dir) if args.dataset == "auto" else args.dataset
+        packs = ensure_packs(args.image_size, args.pack_size, dataset=dataset,
                              data_dir=args.data_dir, packed_dir=args.packed_dir, skip_corrupt=args.skip_corrupt,
                              workers=args.workers)
         if args.command == "export":

@@ -308,6 +308,15 @@ def _mean_band(runs: list[dict], key: str):
     return epochs, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 
+def require_matplotlib() -> None:
+    """Checked before any work: the plots need matplotlib, an optional dependency (the `report` extra)."""
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise UserError("kd.report draws its plots with matplotlib, which is not installed: pip install "
+                        "'kd[report]' (or pip install matplotlib)") from None
+
+
 def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     import matplotlib
     matplotlib.use("Agg")
@@ -482,6 +491,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--no-publish", action="store_true", help="write the local report only")
     args = parser.parse_args(argv)
     with user_errors():
+        require_matplotlib()
         local = Path(args.source).exists()
         runs = load_local_runs(Path(args.source)) if local else \
             load_wandb_runs(args.source, args.wandb_project, args.wandb_entity)

@@ -5,10 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -16,8 +14,8 @@ from pathlib import Path
 import accelerate
 import torch
 import torchvision
-from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs
-from accelerate.utils import set_seed
+from accelerate import Accelerator, DataLoaderConfiguration, InitProcessGroupKwargs, PartialState
+from accelerate.utils import broadcast_object_list, parse_flag_from_env, set_seed
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -26,18 +24,20 @@ from kd import tracking as keys
 from kd.augment import DeviceAugment
 from kd.checkpoint import (BEST_MODEL, CHECKPOINTS, FINAL_MODEL, TrainState, checkpoint_dirs, save_model_file,
                            load_model_file, resolve_model_path, save_training_state)
-from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memory_format
+from kd.compute import autocast_dtype, compile_enabled, inference_teacher, memory_format, resolve_precision
 from kd.config import validate
-from kd.data import DataBundle, TrainSubset, build_datasets, default_image_size, whole
+from kd.data import DataBundle, EpochSampler, TrainSubset, build_datasets, default_image_size, whole
 from kd.engine import Objective, Trainer, evaluate
 from kd.errors import UserError, warn
 from kd.models import spec_of
-from kd.optim import build_optimizer, is_fused, warmup_cosine
+from kd.optim import EpochSchedule, build_optimizer, is_fused
+from kd.outdir import RUN_FILE, OutputDir
 from kd.packed import PackedDataset, packed_bundle
+from kd.resume import check_recipe, continue_run, recipe, saved_state
 from kd.signals import StopRequest, Stopped, ignore_stop_signals
 from kd.teacher_cache import CachedViews
 
-RUN_FILE, CONFIG_FILE = "run.json", "config.json"
+CONFIG_FILE = "config.json"
 RUN_OUTPUTS = (CHECKPOINTS, BEST_MODEL, FINAL_MODEL, keys.METRICS_FILE, RUN_FILE, CONFIG_FILE, footprint.FILE, "wandb")
 
 
@@ -72,19 +72,20 @@ class Session:
         self.output_dir = Path(args.output_dir)
         self.stop = StopRequest().install()
         self.report_to = keys.prepare_wandb_mode(args.report_to)
-        try:
-            self.accelerator = Accelerator(
-                mixed_precision=args.mixed_precision,
-                gradient_accumulation_steps=args.grad_accum_steps,
-                log_with="wandb" if self.report_to == "wandb" else None,
-                project_dir=str(self.output_dir),
-                dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
-                                                          non_blocking=True),
-                step_scheduler_with_optimizer=False,
-                kwargs_handlers=[InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))],
-            )
-        except ValueError as exc:  # e.g. fp16 requested on a CPU
-            raise UserError(f"--mixed-precision {args.mixed_precision}: {exc}") from None
+        # The device is known before the Accelerator exists: the process state it will use, made as it would.
+        process_group = InitProcessGroupKwargs(timeout=timedelta(seconds=args.dist_timeout))
+        device = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU"), **process_group.to_kwargs()).device
+        precision, self.precision_reason = resolve_precision(args.mixed_precision, device)
+        self.accelerator = Accelerator(
+            mixed_precision=precision,
+            gradient_accumulation_steps=args.grad_accum_steps,
+            log_with="wandb" if self.report_to == "wandb" else None,
+            project_dir=str(self.output_dir),
+            dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed,
+                                                      non_blocking=True),
+            step_scheduler_with_optimizer=False,
+            kwargs_handlers=[process_group],
+        )
         set_seed(args.seed, device_specific=True)  # different augmentations per process; DDP syncs the weights
         self._claim_output_dir()
         args.image_size = args.image_size or default_image_size(args.dataset)
@@ -106,7 +107,8 @@ class Session:
             self.data.train = TrainSubset(self.data.train, args.train_fraction, args.seed)
         self.print(f"{job_type}: {args.dataset} ({len(self.data.train)} train / {len(self.data.val)} val images, "
                    f"{self.data.num_classes} classes) on {self.accelerator.num_processes} x "
-                   f"{self.accelerator.device.type}, precision {self.accelerator.mixed_precision}")
+                   f"{self.accelerator.device.type}, precision {self.accelerator.mixed_precision} "
+                   f"({self.precision_reason})")
 
     def print(self, *a) -> None:
         if self.accelerator.is_main_process:  # once per job (accelerator.print prints once per node)
@@ -114,47 +116,50 @@ class Session:
 
     # ---------------------------------------------------------------- output dir
     def _claim_output_dir(self) -> None:
-        """Refuses to mix two runs in one dir. Every process checks before any process writes."""
-        args, acc, out = self.args, self.accelerator, self.output_dir
-        run_file = out / RUN_FILE
-        previous = json.loads(run_file.read_text()) if run_file.is_file() else None
-        if previous and not (args.resume or args.overwrite):
-            raise UserError(f"{out} already holds a {previous['job_type']} run: pass --resume to continue it, "
-                            f"--overwrite to replace it, or another --output-dir")
-        if previous and args.resume and not args.overwrite and previous["job_type"] != self.job_type:
-            raise UserError(f"{out} holds a {previous['job_type']} run, not a {self.job_type} run: pass another "
-                            f"--output-dir")
-        try:  # a real write probe: os.access is always true for root, and says nothing of read-only mounts
-            out.mkdir(parents=True, exist_ok=True)
-            tempfile.TemporaryFile(dir=out).close()
-        except OSError as exc:
-            raise UserError(f"--output-dir {out} is not writable ({exc.strerror}): pass a folder you can write "
-                            f"to") from None
-        acc.wait_for_everyone()
-        keep = previous is not None and not args.overwrite
-        self.run_id = previous["run_id"] if keep else keys.new_run_id()
+        """Refuses a dir that holds another run or that another process is using; writes nothing there yet."""
+        acc = self.accelerator
+        self.outdir = OutputDir(self.output_dir, self.job_type, resume=bool(self.args.resume),
+                                overwrite=self.args.overwrite, outputs=RUN_OUTPUTS)
+        # Only the main process takes the lock; the others learn its outcome, so that every process stops with
+        # the same one line instead of waiting for a process that has left.
+        outcome = [None, None, None]  # [error message, takeover line, run id]
         if acc.is_main_process:
-            if args.overwrite:
-                for name in RUN_OUTPUTS:
-                    path = out / name
-                    shutil.rmtree(path) if path.is_dir() else path.unlink(missing_ok=True)
-            if not keep:
-                run_file.write_text(json.dumps({"run_id": self.run_id, "job_type": self.job_type}) + "\n")
+            try:
+                outcome[1] = self.outdir.claim()
+                outcome[2] = self.outdir.run_id(keys.new_run_id())
+            except UserError as exc:
+                outcome[0] = str(exc)
+        if acc.num_processes > 1:
+            outcome = broadcast_object_list(outcome)
+        if outcome[0]:
+            raise UserError(outcome[0])
+        if outcome[1]:
+            self.print(outcome[1])
+        self.run_id = outcome[2]
+
+    def _start(self, config: dict) -> None:
+        """The run has really started (data, models and the first step worked): from here on it owns the dir."""
+        acc = self.accelerator
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            self.outdir.commit(self.run_id)
+            (self.output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         acc.wait_for_everyone()
 
     # ---------------------------------------------------------------- loaders and optimization
-    def _loader(self, dataset, shuffle: bool) -> DataLoader:
+    def _loader(self, dataset, sampler: EpochSampler | None = None) -> DataLoader:
+        """The train loader (with the epoch sampler) or the val loader (in order). Folder data augments in the
+        workers, each sample seeded by itself (kd.data.IndexedDataset); they restart every epoch. Packed workers
+        only copy memory (augmentation is on the device, seeded by hash): they persist, which saves their start-up
+        at every epoch and evaluation. Every loader has a generator of its own, so starting workers never draws
+        from the global RNG (a resumed run would start them once more than an uninterrupted one, and dropout
+        would then differ)."""
         args = self.args
-        # Folder data augments in the workers: they restart every epoch, reseeded from the checkpointed RNG, so a
-        # resume is exact. Packed workers only copy memory (augmentation is on the device, seeded by hash): they
-        # persist, which saves their start-up at every epoch and evaluation (many workers, short epochs on a GPU),
-        # and their loader gets a generator of its own, so that starting workers never draws from the global RNG
-        # (a resumed run would start them once more than an uninterrupted one, and dropout would then differ).
         packed = isinstance(whole(dataset), PackedDataset)
-        return DataLoader(dataset, batch_size=args.batch_size, shuffle=shuffle, drop_last=shuffle,
+        return DataLoader(dataset, batch_size=args.batch_size, sampler=sampler, drop_last=sampler is not None,
                           num_workers=args.workers, pin_memory=self.accelerator.device.type == "cuda",
                           persistent_workers=packed and args.workers > 0, worker_init_fn=ignore_stop_signals,
-                          generator=torch.Generator() if packed else None)
+                          generator=torch.Generator())
 
     def _check_enough_data(self) -> None:
         global_batch = self.args.batch_size * self.accelerator.num_processes
@@ -177,7 +182,8 @@ class Session:
         objective = objective or Objective()
         spec = spec_of(model, arch)  # before DDP wraps the model
         self._check_enough_data()
-        train_loader, val_loader = self._loader(self.data.train, True), self._loader(self.data.val, False)
+        sampler = EpochSampler(self.data.train, args.seed)
+        train_loader, val_loader = self._loader(self.data.train, sampler), self._loader(self.data.val)
         model = model.to(memory_format=memory_format(args.channels_last))
         optimizer = build_optimizer(model, args.opt, args.lr, args.weight_decay, args.momentum, args.nesterov,
                                     acc.device)
@@ -185,26 +191,25 @@ class Session:
         compile_models = compile_enabled(args.compile, acc.device)
         # Compiled after DDP, as accelerate does; `model` (uncompiled) stays the one saved and checkpointed.
         train_model = torch.compile(model) if compile_models else model
-        steps_per_epoch = -(-len(train_loader) // args.grad_accum_steps)
-        scheduler = warmup_cosine(optimizer, round(args.warmup_epochs * steps_per_epoch), args.epochs * steps_per_epoch)
         if objective.teacher is not None:
             objective.teacher = inference_teacher(objective.teacher, acc.device, autocast_dtype(acc.mixed_precision),
                                                   args.channels_last, compile_models)
         if objective.cache is not None:
             objective.cache = objective.cache.to(acc.device)
         batch_transform, eval_transform = self._batch_transforms(objective)
-        state = TrainState()
-        acc.register_for_checkpointing(state, scheduler)
-        self._resume(state)
+        geometry = {"num_processes": acc.num_processes, "batch_size": args.batch_size,
+                    "grad_accum_steps": args.grad_accum_steps}
+        state = TrainState(epochs=args.epochs, geometry=geometry, hparams=recipe(args, self.data))
+        acc.register_for_checkpointing(state)
+        global_batch = args.batch_size * acc.num_processes
+        self._resume(state, geometry, len(self.data.train) // global_batch * global_batch)
+        sampler.resume_at(state.epoch, state.samples_in_epoch)
+        schedule = EpochSchedule(optimizer, args.lr, args.warmup_epochs, args.epochs, state.segments)
 
-        config = {**self.resolved_config(), "fused_optimizer": is_fused(optimizer)}
+        config = {**self.resolved_config(), "fused_optimizer": is_fused(optimizer), "resume_history": state.history}
         config = json.loads(json.dumps(config, default=str))  # plain types: safe to unpickle
-        if acc.is_main_process:
-            (self.output_dir / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n")
         tracker = keys.Tracker(acc, self.output_dir)
-        tracker.start(self.report_to, config, project=args.wandb_project, run_id=self.run_id, job_type=self.job_type,
-                      name=args.run_name, entity=args.wandb_entity, group=args.wandb_group, tags=args.wandb_tags,
-                      resume_step=state.global_step)
+        teacher_acc1 = None
         if objective.distills:
             if objective.cache is not None:  # measured when the cache was built, on the same packed val images
                 teacher_acc1 = objective.cache.meta["teacher"]["val_acc1"]
@@ -212,9 +217,16 @@ class Session:
                 with acc.autocast():  # the teacher is not prepared, so its forward is not wrapped in autocast
                     teacher_acc1 = evaluate(acc, objective.teacher, val_loader, transform=eval_transform)[keys.VAL_ACC1]
             self.print(f"teacher val top-1: {teacher_acc1:.4f}")
-            if state.global_step == 0:
-                tracker.log({keys.TEACHER_VAL_ACC1: teacher_acc1}, step=0)
-            tracker.summary({keys.TEACHER_VAL_ACC1: teacher_acc1})
+
+        def on_start() -> None:  # after the first step: the run works, from here on it writes to its dir
+            self._start(config)
+            tracker.start(self.report_to, config, project=args.wandb_project, run_id=self.run_id,
+                          job_type=self.job_type, name=args.run_name, entity=args.wandb_entity,
+                          group=args.wandb_group, tags=args.wandb_tags, resume_step=state.global_step)
+            if teacher_acc1 is not None:
+                if state.global_step == 0:
+                    tracker.log({keys.TEACHER_VAL_ACC1: teacher_acc1}, step=0)
+                tracker.summary({keys.TEACHER_VAL_ACC1: teacher_acc1})
 
         meta = {"arch": arch, "model": spec, "head": args.head, "num_classes": self.data.num_classes,
                 "class_names": self.data.class_names, "image_size": self.data.image_size,
@@ -228,25 +240,32 @@ class Session:
                 self._save_model(model, BEST_MODEL, {**meta, "epoch": trainer.state.epoch,
                                                      "val_acc1": val_metrics[keys.VAL_ACC1]})
 
-        trainer = Trainer(acc, train_model, objective, optimizer, scheduler, train_loader, val_loader, tracker, state,
+        trainer = Trainer(acc, train_model, objective, optimizer, schedule, train_loader, val_loader, tracker, state,
                           epochs=args.epochs, log_every=args.log_every, clip_grad_norm=args.clip_grad_norm,
                           on_epoch_end=on_epoch_end, checkpoint_every=args.checkpoint_every, stop=self.stop,
                           save_state=lambda s: save_training_state(acc, self.output_dir, s, args.keep_checkpoints),
-                          batch_transform=batch_transform, eval_transform=eval_transform)
+                          batch_transform=batch_transform, eval_transform=eval_transform, on_start=on_start)
         try:
             final = trainer.fit()
         except Stopped:
             self.print(f"stopped by signal at step {state.global_step}; state saved in {self.output_dir / CHECKPOINTS}"
                        f": run again with --resume to continue")
-            tracker.finish()
-            acc.wait_for_everyone()  # ranks leaving early would make torchrun kill rank 0 while it closes W&B
+            self._close(tracker)
             raise
         if not final:  # resumed a finished run: nothing left to train
             final = trainer.evaluate()
         self._save_model(model, FINAL_MODEL, {**meta, "epoch": state.epoch, "val_acc1": final[keys.VAL_ACC1]})
         self._measure_footprint(tracker)
-        tracker.finish()
+        self._close(tracker)
         return self._summarize(state, final, trainer)
+
+    def _close(self, tracker: keys.Tracker) -> None:
+        """W&B first (main process), then every process together: ranks leaving early would make torchrun kill
+        rank 0 while it closes W&B. Accelerate's end_training would destroy the process group before that wait."""
+        tracker.finish()
+        self.accelerator.wait_for_everyone()
+        self.accelerator.end_training()  # trackers are closed by now: this only destroys the process group
+        self.outdir.close()
 
     def _batch_transforms(self, objective: Objective) -> tuple:
         """(train batch_transform, eval transform) for the Trainer: on-device augmentation of packed images (with
@@ -259,7 +278,7 @@ class Session:
             return CachedViews(objective.cache, self.augment), self.augment.eval_batch
         return self.augment.train_batch, self.augment.eval_batch
 
-    def _resume(self, state: TrainState) -> None:
+    def _resume(self, state: TrainState, geometry: dict, epoch_samples: int) -> None:
         args, acc = self.args, self.accelerator
         if not args.resume or args.overwrite:
             return
@@ -278,8 +297,16 @@ class Session:
             if not (path / "kd_complete").is_file():
                 raise UserError(f"--resume {path} is not a complete checkpoint folder: pass --resume without a "
                                 f"value to pick the latest one in --output-dir")
+        saved = saved_state(path)
+        check_recipe(saved, state.hparams, args, path)
+        if saved.get("samples_in_epoch", 0) and saved["samples_in_epoch"] >= epoch_samples:
+            raise UserError(f"--resume from {path}: the checkpoint is {saved['samples_in_epoch']} samples into "
+                            f"epoch {saved['epoch'] + 1}, more than an epoch of this geometry ({epoch_samples}): "
+                            f"resume from the epoch checkpoint before it, or with the saved --batch-size")
         acc.load_state(str(path))
         self.print(f"resumed from {path}: epoch {state.epoch}, step {state.global_step}")
+        for line in continue_run(state, args, recipe(args, self.data), geometry, epoch_samples, path):
+            self.print(line)
 
     def _save_model(self, model: nn.Module, name: str, meta: dict) -> None:
         if self.accelerator.is_main_process:

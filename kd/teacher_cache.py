@@ -28,9 +28,10 @@ import torch
 
 from kd.augment import DeviceAugment, hash_uniform, sample_views, stream_key
 from kd.checkpoint import load_model_file, resolve_model_path
-from kd.compute import autocast_dtype, inference_teacher
+from kd.compute import PRECISIONS, autocast_dtype, inference_teacher, resolve_precision
 from kd.data import DataBundle, whole
 from kd.errors import UserError, user_errors
+from kd.fastai_data import infer_dataset
 from kd.models import fixed_input_size
 from kd.packed import PackedDataset, ensure_packs
 
@@ -67,11 +68,18 @@ class TeacherCache:
                             f"--teacher-checkpoint ... --out {path}`")
         try:
             blob = torch.load(path, map_location="cpu", weights_only=True)
-        except (RuntimeError, EOFError, ValueError) as exc:
-            raise UserError(f"cannot read teacher cache {path} ({exc.__class__.__name__}): rebuild it") from None
+        except Exception as exc:  # noqa: BLE001 - on garbage the unpickler raises anything (OSError, KeyError...)
+            raise UserError(f"cannot read teacher cache {path} ({exc.__class__.__name__}): the file is truncated or "
+                            f"not a teacher cache; rebuild it with python -m kd.teacher_cache build") from None
         if not isinstance(blob, dict) or blob.get("format") != FORMAT:
             raise UserError(f"{path} is not a kd teacher cache ({FORMAT}): build one with python -m kd.teacher_cache")
-        return cls(blob["meta"], blob["tensors"])
+        meta, tensors = blob.get("meta"), blob.get("tensors")
+        needed = ("views", "seed", "image_size", "num_classes", "class_names", "mean", "std", "train", "val",
+                  "teacher")
+        if (not isinstance(meta, dict) or not isinstance(tensors, dict) or any(k not in meta for k in needed)
+                or "views" not in tensors or "val_logits" not in tensors):
+            raise UserError(f"teacher cache {path} is incomplete (written by another kd version?): rebuild it")
+        return cls(meta, tensors)
 
     def check(self, data: DataBundle, image_size: int, teacher_checkpoint: str | None) -> None:
         """Refuses a cache made for other images, another view geometry or another teacher."""
@@ -157,7 +165,7 @@ def run_teacher(teacher, augment: DeviceAugment, pack: PackedDataset, indices: t
 
 
 def build_cache(teacher_path: str, packs: dict[str, PackedDataset], image_size: int, views: int, *, seed: int = 0,
-                topk: int = 0, device: torch.device, mixed_precision: str = "bf16", batch_size: int = 256,
+                topk: int = 0, device: torch.device, mixed_precision: str = "no", batch_size: int = 256,
                 channels_last: bool = True, compile: bool = False, log=print) -> tuple[dict, dict]:
     """(meta, tensors) of a cache for `packs` (kd.packed train + val) and the teacher model file."""
     model_path = resolve_model_path(teacher_path)
@@ -214,16 +222,18 @@ def main(argv=None) -> None:
     p.add_argument("--out", required=True, help="the cache file to write")
     p.add_argument("--views", type=int, default=8, help="augmented views per training image, K (default: 8)")
     p.add_argument("--topk", type=int, default=0, help="keep only the k largest logits per view (default: all)")
-    p.add_argument("--dataset", default="imagefolder", help="imagefolder, imagewoof or imagenette "
-                   "(default: imagefolder)")
+    p.add_argument("--dataset", default="auto", choices=("auto", "imagefolder", "imagewoof", "imagenette"),
+                   help="as distill.py's: auto picks imagewoof/imagenette for a fast.ai copy, else imagefolder "
+                   "(default: auto)")
     p.add_argument("--data-dir", help="folder with train/<class>/* and val/<class>/*")
     p.add_argument("--image-size", type=int, required=True, help="training crop size in px, as distill.py's")
     p.add_argument("--pack-size", type=int, help="train pack side in px, as distill.py's (default: as distill.py)")
-    p.add_argument("--packed-dir", help="where the packs are (default: $KD_DATA_CACHE/packed/<data folder name>)")
+    p.add_argument("--packed-dir", help="where the packs are (default: "
+                   "$KD_DATA_CACHE/packed/<data folder name>-<path hash>)")
     p.add_argument("--seed", type=int, default=0, help="seed of the views (default: 0)")
     p.add_argument("--batch-size", type=int, default=256, help="teacher batch (default: 256)")
-    p.add_argument("--mixed-precision", default="bf16", choices=("no", "bf16", "fp16"), help="teacher precision "
-                   "(default: bf16)")
+    p.add_argument("--mixed-precision", default="auto", choices=PRECISIONS, help="teacher precision; auto: bf16 where "
+                   "the device has it natively, else fp32, as in training (default: auto)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="(default: cuda if "
                    "available)")
     p.add_argument("--compile", action="store_true", help="torch.compile the teacher")
@@ -231,11 +241,14 @@ def main(argv=None) -> None:
     with user_errors():
         if args.views < 1:
             raise UserError(f"--views must be >= 1, got {args.views}")
-        packs = ensure_packs(args.image_size, args.pack_size, dataset=args.dataset, data_dir=args.data_dir,
+        precision, reason = resolve_precision(args.mixed_precision, torch.device(args.device))
+        print(f"teacher precision {precision} ({reason})", flush=True)
+        dataset = infer_dataset(args.data_dir) if args.dataset == "auto" else args.dataset
+        packs = ensure_packs(args.image_size, args.pack_size, dataset=dataset, data_dir=args.data_dir,
                              packed_dir=args.packed_dir)
         meta, tensors = build_cache(args.teacher_checkpoint, packs, args.image_size, args.views, seed=args.seed,
                                     topk=args.topk, device=torch.device(args.device),
-                                    mixed_precision=args.mixed_precision, batch_size=args.batch_size,
+                                    mixed_precision=precision, batch_size=args.batch_size,
                                     compile=args.compile)
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -94,8 +94,7 @@ class Tracker:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= step]
+        kept = [line for line in self.path.read_text().splitlines() if _step_of(line) <= step]
         tmp = self.path.with_suffix(".tmp")
         tmp.write_text("".join(line + "\n" for line in kept))
         tmp.replace(self.path)
@@ -128,7 +127,20 @@ class Tracker:
                 self._to_trackers(lambda: tracker.tracker.summary.update(values))
 
     def finish(self) -> None:
-        self._to_trackers(self.accelerator.end_training)
+        """Closes W&B (the process group stays: Accelerate's end_training would destroy it)."""
+        def close():
+            for tracker in self.accelerator.trackers:
+                tracker.finish()
+        self._to_trackers(close)
+        self.accelerator.trackers.clear()
+
+
+def _step_of(line: str) -> float:
+    """A record's step; a torn line (the disk filled up mid-write) sorts after every step, so it is dropped."""
+    try:
+        return json.loads(line).get("step", 0)
+    except ValueError:
+        return float("inf")
 
 
 def read_metrics(output_dir: str | Path) -> list[dict]:

@@ -7,7 +7,7 @@ import torchvision
 from kd.checkpoint import load_model_file, save_model_file
 from kd.errors import UserError
 from kd.models import CIFAR_ARCHS, build_model
-from kd.optim import build_optimizer, is_fused, param_groups, warmup_cosine
+from kd.optim import EpochSchedule, build_optimizer, is_fused, param_groups
 
 
 @pytest.mark.parametrize("arch,size", [("resnet18", 64), ("resnet20", 32), ("resnet8x4", 32), ("resnet56", 32)])
@@ -67,17 +67,21 @@ def test_no_weight_decay_on_norms_and_biases():
 
 
 def test_warmup_cosine_schedule():
+    """Per step of 1/20 epoch: the old step-count schedule's values (warmup 4 steps, cosine to step 20)."""
     model = torch.nn.Linear(2, 2)
     opt = build_optimizer(model, "sgd", lr=1.0, weight_decay=0.0)
-    sched = warmup_cosine(opt, warmup_steps=4, total_steps=20)
+    sched = EpochSchedule(opt, 1.0, warmup_epochs=0.2, epochs=1.0)
     lrs = []
-    for _ in range(20):
-        lrs.append(sched.get_last_lr()[0])
-        opt.step()
-        sched.step()
+    for k in range(20):
+        sched.at(k / 20, (k + 1) / 20)
+        lrs.append(opt.param_groups[0]["lr"])
     assert lrs[:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
     assert lrs[4] == pytest.approx(1.0) and lrs[12] == pytest.approx(0.5) and lrs[-1] < 0.01
     assert all(a >= b for a, b in zip(lrs[3:], lrs[4:]))
+    # a segment added by an extension: from epoch 1 (where the first curve ended) a restart at 0.5 x peak
+    sched = EpochSchedule(opt, 1.0, 0.2, 1.0, segments=[{"start": 1.0, "end": 3.0, "factor": 0.5}])
+    assert sched.factor(0.6, 0.65) == pytest.approx(lrs[12]) and sched.factor(1.0, 1.1) == pytest.approx(0.5)
+    assert sched.factor(2.0, 2.1) == pytest.approx(0.25) and sched.factor(3.0, 3.1) == pytest.approx(0.0)
 
 
 def test_adamw_and_nesterov():

@@ -2,6 +2,7 @@
 NaN losses, and bad inputs. Every fault ends in a clean resume or one clear error, never lost or damaged runs."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -157,6 +158,7 @@ def test_stop_signal_with_two_ddp_ranks(tmp_path):
 def test_second_signal_exits_at_once():
     """A repeat within REPEAT_WINDOW is the same stop delivered twice (Slurm does that); a later one kills."""
     code = ("import os, signal, time\nfrom kd.signals import REPEAT_WINDOW, StopRequest\nstop = StopRequest().install()\n"
+            "stop.training = True\n"
             "os.kill(os.getpid(), signal.SIGUSR1)\nos.kill(os.getpid(), signal.SIGTERM)\n"
             "print('alive', stop.signum, flush=True)\ntime.sleep(REPEAT_WINDOW + 0.2)\n"
             "os.kill(os.getpid(), signal.SIGUSR1)\ntime.sleep(30)\n")
@@ -291,3 +293,88 @@ def test_wandb_unreachable_falls_back_offline(tmp_path):
     assert proc.stderr.count("warning: W&B could not start online") == 1
     (run,) = (tmp_path / "o" / "wandb").glob("offline-run-*")
     assert len([r for r in read_metrics(tmp_path / "o") if "val/acc1" in r]) == 1
+
+
+def test_disk_full_while_checkpointing_is_one_line_and_resume_is_exact(reference, tmp_path):
+    """A disk that fills up during the epoch-2 checkpoint: one line naming the mount, the partial checkpoint
+    removed, epoch 1's intact; --resume on the still-full disk: one line; once space is freed the resumed run ends
+    where the uninterrupted one does."""
+    disk = tmp_path / "disk"
+    disk.mkdir()
+    # 1.4 MB: room for the run's files and one checkpoint of this resnet8 (0.7 MB), not for a second one
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1400k", "tmpfs", str(disk)], capture_output=True).returncode:
+        pytest.skip("cannot mount a small tmpfs here (needs root)")
+    try:
+        out = disk / "run"
+        args = (*SYNTH, "--epochs", "4", "--output-dir", out, "--resume")
+        error = one_error(python_run("train_teacher.py", *args))
+        assert error.startswith(f"error: no space left on {disk} writing {out / 'checkpoints' / '.tmp-epoch_0002'}")
+        assert "the last complete checkpoint is epoch_0001" in error
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_0001"]
+        filler = disk / "filler"
+        with open(filler, "wb") as f:  # whatever is left, taken by something else
+            try:
+                while True:
+                    f.write(b"\0" * 65536)
+                    f.flush()
+            except OSError:
+                pass
+        assert "no space left on" in one_error(python_run("train_teacher.py", *args))
+        assert [p.name for p in (out / "checkpoints").iterdir()] == ["epoch_0001"]
+        filler.unlink()
+        subprocess.run(["mount", "-o", "remount,size=20m", str(disk)], check=True)
+        proc = python_run("train_teacher.py", *args)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert_same_run(out, reference)
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], capture_output=True)
+
+
+def test_ctrl_c_saves_and_exits_3(tmp_path):
+    """Ctrl-C (SIGINT to the terminal's whole process group: the run and its DataLoader workers) stops like
+    SIGTERM: the state saved mid-epoch, exit code 3, no KeyboardInterrupt traceback."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen([sys.executable, str(REPO / "train_teacher.py"), *SYNTH, "--workers", "1", "--epochs", "4",
+                             "--output-dir", str(out)], cwd=REPO, env=script_env(), stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, start_new_session=True)
+    assert wait_for(lambda: last_step(out) >= 8, proc)
+    os.killpg(proc.pid, signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 3, stderr[-3000:]
+    assert "received SIGINT: saving state at the next log step" in stderr and "stopped by signal at step" in stdout
+    assert "KeyboardInterrupt" not in stderr and "Traceback" not in stderr
+    assert any("_step_" in p.name for p in (out / "checkpoints").iterdir())
+
+
+def test_sigterm_to_a_single_process_launcher_reaches_the_run(tmp_path):
+    """`accelerate launch` with one process forwards no signal and dies on SIGTERM: the training process learns
+    it (PR_SET_PDEATHSIG), saves mid-epoch and exits instead of training on as an orphan."""
+    out = tmp_path / "run"
+    launcher = start(*SYNTH, "--epochs", "4", "--output-dir", out)
+    assert wait_for(lambda: last_step(out) >= 8, launcher)
+    (child,) = [p for p in psutil.Process(launcher.pid).children() if "train_teacher.py" in " ".join(p.cmdline())]
+    launcher.send_signal(signal.SIGTERM)
+    stdout, stderr = launcher.communicate(timeout=120)  # returns once the child has closed the shared pipes too
+    child.wait(timeout=30)
+    assert "received SIGTERM" in stderr and "stopped by signal at step" in stdout, stderr[-3000:]
+    assert any("_step_" in p.name for p in (out / "checkpoints").iterdir())
+    assert not (out / ".kd.lock").exists()
+
+
+def test_two_rank_stop_with_wandb_exits_3_on_every_rank(tmp_path):
+    """W&B on (offline): closing it must not destroy the process group before the ranks' last barrier (which
+    made rank 0 exit 1): every rank exits 3, the code of a saved stop."""
+    out = tmp_path / "run"
+    proc = subprocess.Popen(launch_cmd("train_teacher.py", 2) + [str(a) for a in (
+        *SYNTH[:-2], "--report-to", "wandb", "--epochs", "3", "--batch-size", "16", "--output-dir", out)],
+        cwd=REPO, env=script_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert wait_for(lambda: last_step(out) >= 8, proc, poll=0.05)
+    ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+             if "train_teacher.py" in " ".join(p.cmdline())]
+    ranks[1].send_signal(signal.SIGUSR1)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert "stopped by signal at step" in stdout, stderr[-3000:]
+    assert "process group has not been initialized" not in stderr
+    codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)
+    assert sorted(codes) == ["3", "3"], stderr[-3000:]
+    assert list((out / "wandb").glob("offline-run-*"))

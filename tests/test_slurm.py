@@ -304,6 +304,10 @@ def test_preemption_checkpoints_requeues_and_resumes(slurm_nodes, tmp_path):
     assert any("terminated by Slurm" in line for line in events)
     log = (tmp_path / f"kd-teacher-{job}.out").read_text()
     assert "stopped by signal at step" in log
+    # W&B is on (offline) in these jobs: its close must not take the process group from the ranks' last barrier;
+    # both ranks of the stopped run exit 3, the code of a saved stop (torchrun reports each rank's code)
+    assert "process group has not been initialized" not in log
+    assert re.findall(r"exitcode\s*:\s*(-?\d+)", log)[:2] == ["3", "3"], log[-4000:]
     resumed = re.findall(r"resumed from \S+/(epoch_\d+\S*):", log)
     assert len(resumed) == 2 and "_step_" in resumed[0], resumed  # run 1 resumed mid-epoch
     runs = offline_runs(out)
