@@ -81,8 +81,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "$KD_DATA_CACHE/packed/<data folder name>-<path hash>)")
     p.add_argument("--workers", type=int, default=2, help="DataLoader workers, every mode (default: 2)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=("cpu", "cuda"))
-    p.add_argument("--precision", default="auto", choices=PRECISIONS, help="autocast of the kd modes; reference is "
-                   "fp32. auto: bf16 where the device has it natively, else fp32, as in training (default: auto)")
+    p.add_argument("--mixed-precision", "--precision", dest="precision", default="auto", choices=PRECISIONS,
+                   help="autocast of the kd modes (the training scripts' flag; --precision is the older name); "
+                   "reference is fp32. auto: bf16 where the device has it natively, else fp32, as in training "
+                   "(default: auto)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="(default: on for cuda)")
     p.add_argument("--views", type=int, default=4, help="cached views per image, distill-cached (default: 4)")
@@ -360,7 +362,7 @@ def main(argv=None) -> None:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     with user_errors():
-        args.precision, precision_reason = resolve_precision(args.precision, device, "--precision")
+        args.precision, precision_reason = resolve_precision(args.precision, device)
         print(f"precision {args.precision} ({precision_reason})", file=sys.stderr, flush=True)
         setup = Setup(args, device)
         device = setup.accelerator.device
