@@ -299,10 +299,6 @@ class Session:
                                 f"value to pick the latest one in --output-dir")
         saved = saved_state(path)
         check_recipe(saved, state.hparams, args, path)
-        if saved.get("samples_in_epoch", 0) and saved["samples_in_epoch"] >= epoch_samples:
-            raise UserError(f"--resume from {path}: the checkpoint is {saved['samples_in_epoch']} samples into "
-                            f"epoch {saved['epoch'] + 1}, more than an epoch of this geometry ({epoch_samples}): "
-                            f"resume from the epoch checkpoint before it, or with the saved --batch-size")
         acc.load_state(str(path))
         self.print(f"resumed from {path}: epoch {state.epoch}, step {state.global_step}")
         for line in continue_run(state, args, recipe(args, self.data), geometry, epoch_samples, path):
