@@ -6,6 +6,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 import torch
 from accelerate.data_loader import BatchSamplerShard
@@ -34,7 +35,12 @@ def python_run(*args):
 
 def stop_after(proc, out, step, nproc=1):
     assert wait_for(lambda: last_step(out) >= step, proc, poll=0.01)
-    proc.send_signal(signal.SIGTERM)  # under accelerate launch: torchrun forwards it to every rank
+    if nproc == 1:
+        proc.send_signal(signal.SIGTERM)
+    else:  # Slurm's warning signal to one rank: the others learn it at the next agreement step
+        ranks = [p for p in psutil.Process(proc.pid).children(recursive=True)
+                 if "train_teacher.py" in " ".join(p.cmdline())]
+        ranks[0].send_signal(signal.SIGUSR1)
     stdout, stderr = proc.communicate(timeout=120)
     assert "stopped by signal at step" in stdout, stderr[-3000:]
     return stdout
