@@ -34,7 +34,7 @@ def python_run(*args):
 
 
 def stop_after(proc, out, step, nproc=1):
-    assert wait_for(lambda: last_step(out) >= step, proc, poll=0.01)
+    assert wait_for(lambda: last_step(out) >= step, proc, timeout=300, poll=0.01)
     if nproc == 1:
         proc.send_signal(signal.SIGTERM)
     else:  # Slurm's warning signal to one rank: the others learn it at the next agreement step
