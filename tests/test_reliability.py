@@ -376,5 +376,5 @@ def test_two_rank_stop_with_wandb_exits_3_on_every_rank(tmp_path):
     assert "stopped by signal at step" in stdout, stderr[-3000:]
     assert "process group has not been initialized" not in stderr
     codes = re.findall(r"exitcode\s*:\s*(-?\d+)", stderr)
-    assert sorted(codes) == ["3", "3"], stderr[-3000:]
+    assert len(codes) >= 2 and set(codes) == {"3"}, stderr[-3000:]  # torchrun lists the root cause twice
     assert list((out / "wandb").glob("offline-run-*"))
