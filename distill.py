@@ -1,9 +1,12 @@
-"""Distill a trained teacher into a student (Hinton et al. 2015), or train the student alone as the baseline.
+"""Distill a trained teacher into a student with one of kd's methods (--method: kd, Hinton et al. 2015, by
+default; dkd, dist, fitnet, at), or train the student alone as the baseline.
 
-    loss = alpha * CE(student, y) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
+    kd:  loss = alpha * CE(student, y) + (1 - alpha) * T^2 * KL(softmax(teacher / T) || softmax(student / T))
 
     accelerate launch distill.py --teacher-checkpoint runs/teacher --data-dir ~/data/imagewoof2-160 --image-size 128
     accelerate launch distill.py --teacher-checkpoint none ...          # student-only baseline, same recipe
+    accelerate launch distill.py --method dkd ...                       # Decoupled KD (alpha 1, beta 8, T 4)
+    accelerate launch distill.py --method fitnet --feature-layers layers:layer4 ...   # student:teacher modules
     accelerate launch distill.py --data-format packed --teacher-cache cache.pt ...  # replay cached teacher logits
     accelerate launch --config_file accelerate_config.yaml --num_processes 8 distill.py ...   # 8 GPUs, bf16
     sbatch launch/distill.sbatch                                         # Slurm
@@ -19,6 +22,7 @@ from kd.config import add_distill_flags, common_parser
 from kd.data import DataBundle
 from kd.engine import Objective
 from kd.errors import UserError, user_errors, warn
+from kd.methods import build_method
 from kd.compute import renormalized
 from kd.models import ARCH_HELP, build_model, fixed_input_size, input_normalization
 from kd.session import Session
@@ -67,27 +71,31 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     with user_errors():
         baseline = args.teacher_checkpoint.lower() == "none" and not args.teacher_cache
+        if baseline:
+            args.method = None  # nothing distills: config.json records no method
         session = Session(args, job_type="student" if baseline else "distill",
                           normalization=input_normalization(args.student_arch, args.pretrained, args.weights))
-        objective = Objective()
+        teacher, cache = None, None
         if args.teacher_cache:  # no teacher runs: its logits for each view come from the cache
             cache = TeacherCache.load(args.teacher_cache)
             cache.check(session.data, args.image_size, args.teacher_checkpoint)
             session.print(f"teacher: {cache.meta['teacher']['arch']} logits for {cache.num_views} views per image "
                           f"from {args.teacher_cache}")
-            objective = Objective(None, args.alpha, args.temperature, args.kl_reduction, cache=cache)
         elif not baseline:
             teacher, meta = load_teacher(args.teacher_checkpoint, session.data)
             session.print(f"teacher: {meta['arch']} from {args.teacher_checkpoint} "
                           f"(val top-1 {meta.get('val_acc1', float('nan')):.4f} at training time, input mean "
                           f"{_rounded(meta['mean'])} std {_rounded(meta['std'])}; student's mean "
                           f"{_rounded(session.data.mean)} std {_rounded(session.data.std)})")
-            objective = Objective(teacher, args.alpha, args.temperature, args.kl_reduction)
+        # Built after the teacher (its construction draws from the seeded RNG): the same seed, the same student.
         student = build_model(args.student_arch, session.data.num_classes, pretrained=args.pretrained,
                               head=args.head, freeze_backbone=args.freeze_backbone, image_size=args.image_size,
                               weights=args.weights)
+        objective = Objective()
+        if not baseline:
+            objective = Objective(teacher, build_method(args, student, teacher, args.image_size), cache=cache)
+            session.print(f"method: {args.method} {objective.method.settings()}")
         return session.fit(student, arch=args.student_arch, objective=objective)
-
 
 if __name__ == "__main__":
     main()

@@ -48,6 +48,7 @@ from kd.compute import PRECISIONS, autocast_dtype, compile_enabled, cpu_flags, i
     resolve_precision
 from kd.data import IMAGENET_MEAN, IMAGENET_STD
 from kd.engine import Objective, Trainer
+from kd.methods import AT, DIST, DKD, KD, FitNet, layer_pairs
 from kd.errors import UserError, user_errors
 from kd.models import build_model
 from kd.optim import build_optimizer, is_fused
@@ -87,6 +88,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    "(default: auto)")
     p.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--compile", action=argparse.BooleanOptionalAction, default=None, help="(default: on for cuda)")
+    p.add_argument("--method", nargs="+", default=["kd"], choices=BENCH_METHODS, help="distillation methods the "
+                   "distill modes measure, each with its paper's settings (kd+ls: kd with --logit-standardize); "
+                   "distill-cached skips the feature methods (default: kd)")
     p.add_argument("--views", type=int, default=4, help="cached views per image, distill-cached (default: 4)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's)")
     p.add_argument("--profile", help="write a torch.profiler table of the top ops per mode into this folder")
@@ -227,26 +231,43 @@ class Setup:
             "img_per_s": len(rows) * args.views / seconds, "views": args.views, "images": len(rows)}
 
 
-def kd_mode(mode: str, setup: Setup, ids, build_lines: list):
+BENCH_METHODS = ("kd", "kd+ls", "dkd", "dist", "fitnet", "at")
+
+
+def bench_method(name: str, student: torch.nn.Module, teacher: torch.nn.Module, image_size: int):
+    """Each method with its paper's settings (KD as the reference experiment's alpha 0.1, T 7)."""
+    if name in ("fitnet", "at"):
+        if name == "fitnet":
+            return FitNet.for_models(student, teacher, image_size)
+        return AT(*layer_pairs(None, student, teacher, image_size))
+    return {"kd": lambda: KD(ALPHA, TEMPERATURE), "kd+ls": lambda: KD(ALPHA, TEMPERATURE, logit_standardize=True),
+            "dkd": DKD, "dist": DIST}[name]()
+
+
+def kd_mode(mode: str, setup: Setup, ids, build_lines: list, method: str = "kd"):
     args, acc = setup.args, setup.accelerator
     arch = args.teacher if mode == "teacher-train" else args.student
     model = build_model(arch, setup.num_classes, image_size=args.image_size).to(
         memory_format=memory_format(args.channels_last))
-    optimizer = build_optimizer(model, "sgd", 0.01, 5e-4, device=acc.device)
-    model, optimizer = acc.prepare(model, optimizer)
-    train_model = torch.compile(model) if setup.compile else model
     objective, transform = Objective(), setup.augment.train_batch
     if mode in ("distill", "distill-cached"):
+        teacher = build_model(args.teacher, setup.num_classes, image_size=args.image_size)
+        objective = Objective(teacher, bench_method(method, model, teacher, args.image_size))
         # The cache's teacher runs eager, as `kd.teacher_cache build` does by default: its last, smaller chunk
         # would cost a second (dynamic-shape) compilation of the teacher for a one-off pass.
-        teacher = inference_teacher(build_model(args.teacher, setup.num_classes, image_size=args.image_size), acc.device,
-                                    autocast_dtype(args.precision), args.channels_last,
-                                    setup.compile and mode == "distill")
-        objective = Objective(teacher, ALPHA, TEMPERATURE)
+        objective.teacher = inference_teacher(teacher, acc.device, autocast_dtype(args.precision), args.channels_last,
+                                              setup.compile and mode == "distill", objective.method.teacher_layers)
         if mode == "distill-cached":
-            cache, build = setup.cache(teacher, ids)
+            cache, build = setup.cache(objective.teacher, ids)
             build_lines.append(build)
-            objective, transform = Objective(None, ALPHA, TEMPERATURE, cache=cache), CachedViews(cache, setup.augment)
+            objective, transform = Objective(None, objective.method, cache=cache), CachedViews(cache, setup.augment)
+    objective.attach(model)
+    parts = [part.to(memory_format=memory_format(args.channels_last)) for part in objective.trainable()]
+    optimizer = build_optimizer(torch.nn.ModuleList([model, *parts]) if parts else model, "sgd", 0.01, 5e-4,
+                                device=acc.device)
+    model, optimizer = acc.prepare(model, optimizer)
+    objective.prepare(acc)
+    train_model = torch.compile(model) if setup.compile else model
     trainer = Trainer(acc, train_model, objective, optimizer, None, None, None, None, TrainState(), epochs=1,
                       log_every=1, batch_transform=transform)
 
@@ -389,23 +410,28 @@ def main(argv=None) -> None:
                     continue
                 if mode in ("allreduce", "ddp-overhead"):
                     line = {"mode": mode, **base, **ddp_modes(mode, setup, ids)}
-                else:
-                    builds = []
+                    emit(setup, {**line, "round": round_index, "load_avg_1m": round(load, 2)})
+                    continue
+                methods = args.method if mode in ("distill", "distill-cached") else [None]
+                for method in methods:
+                    if mode == "distill-cached" and method in ("fitnet", "at"):
+                        continue  # a cache holds logits only
+                    builds, key = [], mode if method in (None, "kd") else f"{mode}:{method}"
                     step, batches, flags = (reference(args, device, ids, setup.num_classes) if mode == "reference"
-                                            else kd_mode(mode, setup, ids, builds))
-                    profile = Path(args.profile) / f"{mode}.txt" if args.profile else None
+                                            else kd_mode(mode, setup, ids, builds, method or "kd"))
+                    profile = Path(args.profile) / f"{key.replace(':', '-')}.txt" if args.profile else None
                     if profile:
                         profile.parent.mkdir(parents=True, exist_ok=True)
                     t = timed(step, batches, device, args.warmup, args.steps, profile)
                     for build in builds:
                         emit(setup, {"mode": "cache-build", **base, **build, "round": round_index})
                     img_per_s = args.batch_size * args.steps * setup.accelerator.num_processes / t["seconds"]
-                    results.setdefault(mode, []).append(1000 * t["seconds"] / args.steps)
-                    line = {"mode": mode, "img_per_s": round(img_per_s, 2),
+                    results.setdefault(key, []).append(1000 * t["seconds"] / args.steps)
+                    line = {"mode": mode, **({"method": method} if method else {}), "img_per_s": round(img_per_s, 2),
                             "step_ms": round(1000 * t["seconds"] / args.steps, 1),
                             "data_wait_ms": round(t["data_wait_ms"], 1), **base, **flags}
                     setup.accelerator.free_memory()
-                emit(setup, {**line, "round": round_index, "load_avg_1m": round(load, 2)})
+                    emit(setup, {**line, "round": round_index, "load_avg_1m": round(load, 2)})
         emit(setup, summary(results, base))
         setup.accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
 
@@ -418,6 +444,10 @@ def summary(results: dict[str, list[float]], base: dict) -> dict:
         line["speedup_vs_reference"] = {m: round(median["reference"] / v, 3) for m, v in median.items()}
     if "student" in median and "distill-cached" in median:
         line["cached_over_student_step"] = round(median["distill-cached"] / median["student"], 3)
+    over_kd = {key: round(v / median[key.split(":")[0]], 3) for key, v in median.items()
+               if ":" in key and key.split(":")[0] in median}
+    if over_kd:  # each method's step over KD's in the same mode (live teacher, or cached)
+        line["step_over_kd"] = over_kd
     return line
 
 

@@ -14,6 +14,7 @@ from pathlib import Path
 
 from kd import footprint
 from kd.errors import UserError, user_errors
+from kd.methods import method_axes, method_label
 from kd.tracking import METRICS_FILE, read_metrics
 
 
@@ -49,7 +50,7 @@ def load_run(run_dir: Path) -> dict:
     return {
         "run": str(run_dir), "name": run_dir.name, "job_type": config["job_type"],
         "arch": config.get("arch") or config.get("student_arch"), "image_size": config.get("image_size"),
-        "alpha": config.get("alpha") if distill else None, "temperature": config.get("temperature") if distill else None,
+        "method": method_label(config), "alpha": method_axes(config)[0], "temperature": method_axes(config)[1],
         "epochs": vals[-1]["epoch"], "best_acc1": best["val/acc1"], "best_epoch": best["epoch"],
         "final_acc1": vals[-1]["val/acc1"], "final_acc5": vals[-1].get("val/acc5"),
         "agreement": vals[-1].get("val/agreement"), "teacher_dir": teacher_dir, **_footprint_fields(run_dir),
@@ -83,7 +84,7 @@ def _count(n) -> str:
 def table_row(r: dict) -> dict:
     return {
         "run": r["name"], "job": r["job_type"], "arch": r["arch"],
-        "alpha/T": f"{r['alpha']}/{r['temperature']:g}" if r["job_type"] == "distill" else "-",
+        "method": r["method"] or "-", "alpha/T": _alpha_t(r),
         "epochs": r["epochs"], "best acc1": f"{r['best_acc1']:.4f} (ep {r['best_epoch']})",
         "final acc1": f"{r['final_acc1']:.4f}",
         "final acc5": "-" if r["final_acc5"] is None else f"{r['final_acc5']:.4f}",
@@ -93,6 +94,14 @@ def table_row(r: dict) -> dict:
         "CPU b1": "-" if r["cpu_b1_ms"] is None else f"{r['cpu_b1_ms']:.1f} ms",
         "CPU b32": "-" if r["cpu_b32_ms"] is None else f"{32000 / r['cpu_b32_ms']:.0f} img/s",
     }
+
+
+def _alpha_t(r: dict) -> str:
+    """α and T where the run's method uses them ("-" where not)."""
+    alpha, temperature = r["alpha"], r["temperature"]
+    if alpha is None and temperature is None:
+        return "-"
+    return f"{'-' if alpha is None else alpha}/{'-' if temperature is None else f'{temperature:g}'}"
 
 
 def format_table(rows: list[dict]) -> str:

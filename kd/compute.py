@@ -8,6 +8,7 @@ from torch import fx, nn
 from torch.fx.experimental.optimization import fuse
 
 from kd.errors import UserError
+from kd.features import HookedTeacher, with_feature_outputs
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 PRECISIONS = ("auto", "no", "bf16", "fp16")
@@ -98,13 +99,19 @@ def cast_for_autocast(model: nn.Module, dtype: torch.dtype) -> nn.Module:
 
 
 def inference_teacher(teacher: nn.Module, device: torch.device, dtype: torch.dtype, channels_last: bool,
-                      compile: bool) -> nn.Module:
+                      compile: bool, feature_layers: list[str] = ()) -> nn.Module:
     """The teacher as a pure function of its input: eval mode, no gradients, batch norm folded into the
     convolutions where the model traces (else it runs eagerly), convolution and Linear weights cast once to the
     autocast dtype instead of on every step. Its logits match the eager teacher's under autocast
-    (tests/test_models.py measures each family)."""
+    (tests/test_models.py measures each family). With `feature_layers` it returns {kd.features.LOGITS: logits,
+    layer: feature map, ...}: the feature maps are extra outputs of the same folded graph
+    (kd.features.with_feature_outputs), or of hooks on the eager teacher where fx cannot trace it."""
     teacher = teacher.eval().requires_grad_(False)
-    graph = trace(teacher)
+    if feature_layers:
+        teacher = with_feature_outputs(teacher, list(feature_layers))
+        graph = None if isinstance(teacher, HookedTeacher) else teacher
+    else:
+        graph = trace(teacher)
     if graph is not None:
         teacher = fold_batchnorm(graph)
     teacher = teacher.to(device=device, memory_format=memory_format(channels_last))

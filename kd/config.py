@@ -8,7 +8,7 @@ from kd.compute import PRECISIONS
 from kd.data import DATASETS
 from kd.errors import UserError
 from kd.fastai_data import VARIANTS, infer_dataset
-from kd.losses import KL_REDUCTIONS
+from kd.methods import add_method_flags, method_checks
 from kd.models.heads import HEADS
 
 OPTIMIZERS = ("sgd", "adamw")
@@ -120,12 +120,7 @@ def add_distill_flags(p: argparse.ArgumentParser) -> None:
                    "(default: runs/teacher)")
     g.add_argument("--teacher-cache", help="replay teacher logits from this cache (python -m kd.teacher_cache "
                    "build) instead of running the teacher; needs --data-format packed")
-    g.add_argument("--alpha", type=float, default=0.1, help="weight of the hard-label loss; the soft (teacher) "
-                   "loss gets 1 - alpha (default: 0.1)")
-    g.add_argument("--temperature", type=float, default=7.0, help="softmax temperature T (default: 7)")
-    g.add_argument("--kl-reduction", default="batchmean", choices=KL_REDUCTIONS, help="batchmean: the true KL per "
-                   "sample; mean: divide by batch x classes, as the knowledge-distillation-pytorch reference code "
-                   "does (default: batchmean)")
+    add_method_flags(p, g)
 
 
 def validate(args: argparse.Namespace) -> None:
@@ -157,11 +152,8 @@ def validate(args: argparse.Namespace) -> None:
         (not getattr(args, "teacher_cache", None) or args.data_format == "packed",
          "--teacher-cache replays views of packed images: add --data-format packed"),
     ]
-    if hasattr(args, "alpha"):
-        checks += [
-            (0.0 <= args.alpha <= 1.0, f"--alpha must be in [0, 1] (the hard-label weight), got {args.alpha}"),
-            (args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
-        ]
+    if getattr(args, "method", None) is not None:  # distill.py; None for the student-only baseline
+        checks += method_checks(args)
     for ok, message in checks:
         if not ok:
             raise UserError(message)

@@ -13,43 +13,72 @@ from tqdm.auto import tqdm
 from kd import tracking as keys
 from kd.checkpoint import TrainState
 from kd.errors import UserError
-from kd.losses import kd_loss_terms
+from kd.features import LOGITS, FeatureTap, logits_of
+from kd.methods import Method
 from kd.optim import EpochSchedule
 from kd.signals import StopRequest, Stopped
 
 
 @dataclass
 class Objective:
-    """Cross-entropy, or the distillation loss when a teacher is given. The teacher is frozen, in eval mode, not
-    wrapped in DDP (no gradient sync, no buffer broadcasts) and runs under the same autocast as the student."""
+    """Cross-entropy, or a distillation method (kd.methods) when a teacher or a teacher cache is given. The
+    teacher is frozen, in eval mode, not wrapped in DDP (no gradient sync, no buffer broadcasts) and runs under the
+    same autocast as the student; a feature method gets its feature maps from the same forward (kd.features)."""
 
     teacher: nn.Module | None = None
-    alpha: float = 1.0
-    temperature: float = 1.0
-    kl_reduction: str = "batchmean"
+    method: Method | None = None
     cache: object = None  # a kd.teacher_cache.TeacherCache replacing the teacher: its logits come with the batch
+
+    def __post_init__(self):
+        self.forward_method = self.method  # Session.fit puts its DDP wrapper here when it has trainable parts
+        self.tap: FeatureTap | None = None
 
     @property
     def distills(self) -> bool:
-        return self.teacher is not None or self.cache is not None
+        return self.method is not None and (self.teacher is not None or self.cache is not None)
 
-    def teacher_logits(self, accelerator: Accelerator, images: torch.Tensor) -> torch.Tensor:
+    def attach(self, student: nn.Module) -> None:
+        """Hooks on the (unwrapped) student's modules that a feature method reads."""
+        if self.distills and self.method.student_layers:
+            self.tap = FeatureTap(student, self.method.student_layers)
+
+    def trainable(self) -> list[nn.Module]:
+        """The method, when it has parameters to train (FitNet's regressor)."""
+        has_params = self.distills and any(p.requires_grad for p in self.method.parameters())
+        return [self.method] if has_params else []
+
+    def prepare(self, accelerator: Accelerator) -> None:
+        """After accelerator.prepare(student, optimizer...): the trainable parts in a DDP wrapper of their own, so
+        their gradients are synced and the student's checkpoint keys and model file stay the student's alone."""
+        if self.trainable():
+            self.forward_method = accelerator.prepare(self.method)
+
+    def teacher_outputs(self, accelerator: Accelerator, images: torch.Tensor) -> tuple[torch.Tensor, list]:
         with torch.inference_mode(), accelerator.autocast():
-            return self.teacher(images)
+            out = self.teacher(images)
+        if not isinstance(out, dict):
+            return out, []
+        # Cloned outside inference mode: a loss may save them for backward (an MSE does), inference tensors not.
+        return out[LOGITS], [out[name].clone() for name in self.method.teacher_layers]
 
     def eval_teacher_logits(self, accelerator: Accelerator, images: torch.Tensor, indices) -> torch.Tensor:
-        return self.cache.val_logits(indices) if self.cache is not None else self.teacher_logits(accelerator, images)
+        if self.cache is not None:
+            return self.cache.val_logits(indices)
+        with torch.inference_mode(), accelerator.autocast():
+            return logits_of(self.teacher(images))
 
-    def __call__(self, accelerator: Accelerator, model: nn.Module, images, targets, teacher_logits=None):
+    def __call__(self, accelerator: Accelerator, model: nn.Module, images, targets, teacher_logits=None,
+                 epoch: int = 0):
         logits = model(images)
         if not self.distills:
             ce = F.cross_entropy(logits.float(), targets)
             return logits, ce, {keys.TRAIN_LOSS_CE: ce}
+        teacher_features = []
         if teacher_logits is None:
-            teacher_logits = self.teacher_logits(accelerator, images)
-        ce, kd = kd_loss_terms(logits, teacher_logits, targets, self.temperature, self.kl_reduction)
-        loss = self.alpha * ce + (1.0 - self.alpha) * kd
-        return logits, loss, {keys.TRAIN_LOSS_CE: ce, keys.TRAIN_LOSS_KD: kd}
+            teacher_logits, teacher_features = self.teacher_outputs(accelerator, images)
+        student_features = self.tap.pop() if self.tap is not None else []
+        loss, parts = self.forward_method(logits, teacher_logits, targets, student_features, teacher_features, epoch)
+        return logits, loss, parts
 
 
 @torch.no_grad()
@@ -62,7 +91,7 @@ def evaluate(accelerator: Accelerator, model: nn.Module, loader, objective: Obje
     sums, count = [], 0  # per batch, on the device: loss sum, correct@1, correct@5, agreements
     for images, targets, indices in loader:
         images = transform(images) if transform is not None else images
-        logits = model(images)
+        logits = logits_of(model(images))
         k = min(5, logits.shape[1])
         per_sample = torch.stack([
             F.cross_entropy(logits.float(), targets, reduction="none"),
@@ -146,6 +175,8 @@ class Trainer:
     def train_one_epoch(self, epoch: int) -> None:
         acc, state = self.accelerator, self.state
         self.model.train()
+        for module in self.objective.trainable():
+            module.train()
         self.train_loader.set_epoch(epoch)
         # Progress counts samples over all processes: the train sampler continues a resumed epoch at sample
         # `start` (kd.data.EpochSampler) whatever the processes and batch size were when it stopped.
@@ -188,14 +219,16 @@ class Trainer:
     def train_step(self, images, targets, indices, epoch: int) -> tuple[torch.Tensor, dict]:
         """One batch: forward, backward and (at the end of an accumulation) optimizer step. No host sync."""
         acc = self.accelerator
-        with acc.accumulate(self.model):
+        parts_to_train = self.objective.trainable()
+        with acc.accumulate(self.model, *([self.objective.forward_method] if parts_to_train else [])):
             teacher_logits = None
             if self.batch_transform is not None:
                 images, teacher_logits = self.batch_transform(images, indices, epoch)
-            _, loss, parts = self.objective(acc, self.model, images, targets, teacher_logits)
+            _, loss, parts = self.objective(acc, self.model, images, targets, teacher_logits, epoch)
             acc.backward(loss)
             if acc.sync_gradients and self.clip_grad_norm > 0:
-                acc.clip_grad_norm_(self.model.parameters(), self.clip_grad_norm)
+                params = [*self.model.parameters(), *(p for m in parts_to_train for p in m.parameters())]
+                acc.clip_grad_norm_(params, self.clip_grad_norm)
             self.optimizer.step()
             self.optimizer.zero_grad(set_to_none=True)
         return loss, parts

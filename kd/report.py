@@ -22,6 +22,7 @@ import numpy as np
 from kd import runs as naming
 from kd import footprint
 from kd.errors import UserError, user_errors
+from kd.methods import method_label
 from kd.tracking import read_metrics, wandb_logged_in
 
 
@@ -161,7 +162,8 @@ def summarize(runs: list[dict]) -> dict:
         final, best = [r["acc1"][-1] for r in group], [max(r["acc1"]) for r in group]
         base_final, base_best = [r["acc1"][-1] for r in base], [max(r["acc1"]) for r in base]
         rows.append({
-            "alpha": dict(distill)["alpha"], "temperature": dict(distill)["temperature"],
+            "method": method_label(group[0]["config"]) or "kd",
+            "alpha": dict(distill).get("alpha"), "temperature": dict(distill).get("temperature"),
             "setting": {**dict(distill), **dict(shared)}, "shared": dict(shared),
             "label": naming.label({**dict(distill), **dict(shared)}), "student_arch": group[0]["arch"],
             "distilled_final": _stats(final), "student_final": _stats(base_final),
@@ -234,6 +236,11 @@ def _delta(d: dict) -> str:
     return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, {p})"
 
 
+def _axis(value) -> str:
+    """α or T in a table: '-' where the method does not use it (DKD has no α, FitNet neither)."""
+    return "-" if value is None else naming.format_value(value)
+
+
 def _extra_axes(summary: dict) -> list[str]:
     """Gridded keys beyond α and T (method, label fraction, ...): one table column each."""
     return [k for k in summary.get("axes", []) if k not in ("alpha", "temperature")]
@@ -248,10 +255,10 @@ def takeaway_table(summary: dict) -> str:
     lines = [head, "|" + "---|" * (12 + len(extra))]
     teacher = f"{t['arch']} ({100 * t['final_acc1']:.2f})" if t["final_acc1"] is not None else str(t["arch"])
     for row in summary["rows"]:
-        cells = "".join(f"{naming.format_value(row['setting'].get(k))} | " for k in extra)
+        cells = "".join(f"{_axis(row['setting'].get(k))} | " for k in extra)
         lines.append(
             f"| {teacher} | {row['student_arch']} | {summary['dataset']} {summary['image_size']} px | {cells}"
-            f"{row['alpha']} | {row['temperature']:g} | {_pm(row['distilled_final'])} (n={row['distilled_final']['n']}) "
+            f"{_axis(row['alpha'])} | {_axis(row['temperature'])} | {_pm(row['distilled_final'])} (n={row['distilled_final']['n']}) "
             f"| {_pm(row['student_final'])} (n={row['student_final']['n']}) | {_delta(row['delta_final'])} "
             f"| {_pm(row['distilled_best'])} | {_pm(row['student_best'])} | {_delta(row['delta_best'])} "
             f"| {_pm(row['agreement_final'])} |")
@@ -350,7 +357,7 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     # Δ over the grid: α across, every other key (T, method, label fraction) down
     def down(row) -> str:
         return naming.label({k: v for k, v in row["setting"].items() if k != "alpha"})
-    alphas = sorted({r["alpha"] for r in summary["rows"]})
+    alphas = sorted({r["alpha"] for r in summary["rows"]}, key=lambda a: (a is not None, a or 0))
     downs = list(dict.fromkeys(down(r) for r in summary["rows"]))
     grid = np.full((len(downs), len(alphas)), np.nan)
     for row in summary["rows"]:
@@ -360,7 +367,7 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     image = ax.imshow(grid, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")
     for (i, j), value in np.ndenumerate(grid):
         ax.text(j, i, f"{value:+.2f}", ha="center", va="center")
-    ax.set_xticks(range(len(alphas)), [f"α={a}" for a in alphas])
+    ax.set_xticks(range(len(alphas)), [f"α={_axis(a)}" for a in alphas])
     ax.set_yticks(range(len(downs)), downs)
     ax.set_title("Δ final top-1 vs student-only (pts)")
     fig.colorbar(image, ax=ax)
@@ -447,10 +454,10 @@ def publish_to_wandb(summary: dict, out: Path, plots: list[str], group: str, pro
     done = []
     run = wandb.init(project=project, entity=entity, group=group, job_type="report", name=f"report-{group}",
                      config={"source": str(out)})
-    columns = ["alpha", "T", "distilled_final_mean", "distilled_final_std", "student_final_mean",
+    columns = ["method", "alpha", "T", "distilled_final_mean", "distilled_final_std", "student_final_mean",
                "student_final_std", "delta_final", "p_final", "distilled_best_mean", "student_best_mean", "n"]
     table = wandb.Table(columns=columns, data=[[
-        r["alpha"], r["temperature"], r["distilled_final"]["mean"], r["distilled_final"]["std"],
+        r["method"], r["alpha"], r["temperature"], r["distilled_final"]["mean"], r["distilled_final"]["std"],
         r["student_final"]["mean"], r["student_final"]["std"], r["delta_final"]["diff"], r["delta_final"]["p"],
         r["distilled_best"]["mean"], r["student_best"]["mean"], r["distilled_final"]["n"]] for r in summary["rows"]])
     run.log({"report/table": table, **{f"report/{p[:-4]}": wandb.Image(str(out / p)) for p in plots}})
@@ -463,7 +470,7 @@ def publish_to_wandb(summary: dict, out: Path, plots: list[str], group: str, pro
     except ImportError:
         return done + ["W&B Report skipped: pip install wandb-workspaces (or -e '.[report]') to build one"]
     runset = wr.Runset(entity=entity or wandb.Api().default_entity, project=project, name=group,
-                       filters=f'Metric("Group") == "{group}"', groupby=["job_type", "alpha", "temperature"])
+                       filters=f'Metric("Group") == "{group}"', groupby=["job_type", "method", "alpha", "temperature"])
     report = wr.Report(project=project, entity=entity or wandb.Api().default_entity,
                        title=f"Distillation study {group}",
                        description="distilled vs student-only, generated by python -m kd.report", blocks=[

@@ -5,16 +5,19 @@ distilled setting is compared with, and the setting's label).
 A name is the job, then the run's point on the grid, then the seed:
 
     teacher            student-s0            distill-a0.1-T4-s0
-    student-f0.05-s1   distill-kd-a0.1-T4-f0.05-s1   distill-dkd-a0.1-T4-s2   (method and fraction gridded)
+    student-f0.05-s1   distill-kd-a0.1-T4-f0.05-s1   distill-dkd-T4-s2   distill-fitnet-s0   (method gridded)
 
-alpha and temperature are always in a distilled run's name, every other gridded key when it is gridded; a
-baseline (student-only) run carries only the gridded keys that are not distillation settings.
+alpha and temperature are always in a distilled run's name where its method uses them (kd: both; dkd, dist: T;
+fitnet, at: neither), every other gridded key when it is gridded; a baseline (student-only) run carries only the
+gridded keys that are not distillation settings.
 """
 from __future__ import annotations
 
 import functools
 import itertools
 from typing import Iterable
+
+from kd.methods import DEFAULT_METHOD, KD, METHODS
 
 # A key's short form in names and labels; any other key appears as its flag name, e.g. `lr0.05`.
 SHORT = {"method": "", "alpha": "a", "temperature": "T", "train_fraction": "f", "seed": "s"}
@@ -23,7 +26,16 @@ LABEL = {"alpha": "α", "temperature": "T", "train_fraction": "labels"}
 # defaults): these and every flag of kd.config's distillation groups (see distill_keys); a gridded key outside
 # them applies to the baseline too (e.g. train_fraction).
 DISTILL_KEYS = frozenset({"method", "alpha", "temperature", "kl_reduction", "teacher_checkpoint", "teacher_cache"})
-ALWAYS_NAMED = ("alpha", "temperature")  # in every distilled run's name, gridded or not
+ALWAYS_NAMED = ("alpha", "temperature")  # in every distilled run's name (where its method uses them), gridded or not
+
+
+def named_axes(method: str | None) -> tuple[str, ...]:
+    """The ALWAYS_NAMED keys the method uses (kd.methods.method_axes)."""
+    uses = METHODS.get(method or DEFAULT_METHOD)
+    return tuple(k for k in ALWAYS_NAMED if uses is None or (k == "alpha" and uses is KD)
+                 or (k == "temperature" and uses.default_temperature is not None))
+
+
 # Flags that differ between runs of one setting without changing what is trained (or say where it goes).
 NOT_A_SETTING = frozenset({"seed", "output_dir", "run_name", "resume", "overwrite", "teacher_checkpoint",
                            "teacher_cache", "wandb_group", "wandb_tags", "wandb_project", "wandb_entity", "data_dir",
@@ -74,9 +86,15 @@ def student_points(grid: dict, distill_defaults: dict) -> tuple[list[dict], list
     distilled = []
     for point in expand_grid(grid):
         ordered = {k: point[k] for k in ("method",) if k in point}
-        ordered.update({k: point.get(k, distill_defaults.get(k)) for k in ALWAYS_NAMED})
-        ordered.update({k: v for k, v in point.items() if k not in ordered})
-        distilled.append(ordered)
+        method = point.get("method", distill_defaults.get("method"))
+        for k in named_axes(method):
+            value = point.get(k, distill_defaults.get(k))
+            if k == "temperature" and value is None:  # --temperature unset: the method's own
+                value = METHODS[method or DEFAULT_METHOD].default_temperature
+            ordered[k] = value
+        ordered.update({k: v for k, v in point.items() if k not in ordered and k not in ALWAYS_NAMED})
+        if ordered not in distilled:  # e.g. an alpha grid does not multiply the DKD runs, which have no alpha
+            distilled.append(ordered)
     return baselines, distilled
 
 
@@ -97,9 +115,13 @@ def settings(config: dict, varying: list[str]) -> tuple[dict, dict]:
     shared = {k: config.get(k) for k in varying if k not in distill_keys()}
     if config.get("job_type") != "distill":
         return shared, {}
-    distill = {k: config.get(k) for k in ("method",) if k in varying}
-    distill.update({k: config.get(k) for k in ALWAYS_NAMED})
-    distill.update({k: config.get(k) for k in varying if k in distill_keys() and k not in distill})
+    method = config.get("method") or DEFAULT_METHOD  # runs from before methods existed are kd
+    distill = {"method": method} if "method" in varying else {}
+    named = named_axes(method)
+    distill.update({k: config.get(k) for k in named})
+    # other varying distillation settings, less the axes this method does not use and flags a run lacks
+    distill.update({k: config.get(k) for k in varying if k in distill_keys() and k not in distill
+                    and (k not in ALWAYS_NAMED or k in named) and config.get(k) is not None})
     return shared, distill
 
 

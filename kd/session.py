@@ -185,15 +185,21 @@ class Session:
         sampler = EpochSampler(self.data.train, args.seed)
         train_loader, val_loader = self._loader(self.data.train, sampler), self._loader(self.data.val)
         model = model.to(memory_format=memory_format(args.channels_last))
-        optimizer = build_optimizer(model, args.opt, args.lr, args.weight_decay, args.momentum, args.nesterov,
-                                    acc.device)
+        objective.attach(model)  # a feature method's hooks, on the student itself (DDP and compile keep them)
+        parts = objective.trainable()  # a method's trainable parts (FitNet's regressor) share the optimizer
+        for part in parts:  # in the student's layout, so DDP's gradient buckets match their strides
+            part.to(memory_format=memory_format(args.channels_last))
+        optimizer = build_optimizer(nn.ModuleList([model, *parts]) if parts else model, args.opt, args.lr,
+                                    args.weight_decay, args.momentum, args.nesterov, acc.device)
         model, optimizer, train_loader, val_loader = acc.prepare(model, optimizer, train_loader, val_loader)
+        objective.prepare(acc)
         compile_models = compile_enabled(args.compile, acc.device)
         # Compiled after DDP, as accelerate does; `model` (uncompiled) stays the one saved and checkpointed.
         train_model = torch.compile(model) if compile_models else model
         if objective.teacher is not None:
             objective.teacher = inference_teacher(objective.teacher, acc.device, autocast_dtype(acc.mixed_precision),
-                                                  args.channels_last, compile_models)
+                                                  args.channels_last, compile_models,
+                                                  objective.method.teacher_layers if objective.method else ())
         if objective.cache is not None:
             objective.cache = objective.cache.to(acc.device)
         batch_transform, eval_transform = self._batch_transforms(objective)
@@ -207,6 +213,8 @@ class Session:
         schedule = EpochSchedule(optimizer, args.lr, args.warmup_epochs, args.epochs, state.segments)
 
         config = {**self.resolved_config(), "fused_optimizer": is_fused(optimizer), "resume_history": state.history}
+        if objective.distills:
+            config["method_settings"] = objective.method.settings()
         config = json.loads(json.dumps(config, default=str))  # plain types: safe to unpickle
         tracker = keys.Tracker(acc, self.output_dir)
         teacher_acc1 = None
@@ -228,7 +236,7 @@ class Session:
                     tracker.log({keys.TEACHER_VAL_ACC1: teacher_acc1}, step=0)
                 tracker.summary({keys.TEACHER_VAL_ACC1: teacher_acc1})
 
-        meta = {"arch": arch, "model": spec, "head": args.head, "num_classes": self.data.num_classes,
+        meta = {"arch": arch, "model": spec, "head": args.head, "method": config.get("method"), "num_classes": self.data.num_classes,
                 "class_names": self.data.class_names, "image_size": self.data.image_size,
                 "mean": list(self.data.mean), "std": list(self.data.std), "dataset": args.dataset,
                 "job_type": self.job_type, "config": config}

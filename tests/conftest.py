@@ -105,3 +105,12 @@ def run_script(script: str, *args, nproc: int = 1, mixed_precision: str = "no", 
 # Flags for fast runs on the tiny JPEG folder: a CIFAR ResNet at 32 px, no data workers.
 TINY = ("--dataset", "imagefolder", "--image-size", "32", "--batch-size", "8", "--workers", "0", "--log-every", "2",
         "--lr", "0.05", "--warmup-epochs", "0.5")
+
+
+@pytest.fixture(scope="session")
+def teacher_dir(tmp_path_factory, jpeg_folder) -> Path:
+    """A tiny teacher trained by train_teacher.py on 2 DDP ranks, shared by every test that distills from one."""
+    out = tmp_path_factory.mktemp("runs") / "teacher"
+    run_script("train_teacher.py", *TINY, "--data-dir", jpeg_folder, "--arch", "resnet8", "--epochs", "4",
+               "--output-dir", out, "--wandb-group", "g1", "--run-name", "tiny-teacher", nproc=2)
+    return out

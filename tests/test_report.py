@@ -89,6 +89,35 @@ def test_report_files(study, capsys, monkeypatch):
     assert "W&B offline: skipped the summary run and the W&B Report" in printed
 
 
+def test_methods_are_an_axis_next_to_alpha_and_temperature(study, capsys):
+    """Runs of other methods are grouped by method and the axes that method uses (DKD: T; FitNet: neither; KD+LS
+    is kd with logit_standardize), each against the same student-only runs; kd.compare shows the same."""
+    from kd import compare
+    for seed in range(3):
+        fake_run(study, f"dkd-s{seed}", "distill", seed, [0.5, 0.6, 0.62 + seed / 100], 0.1, 4.0,
+                 config={"method": "dkd"}, agreement=0.7, teacher_acc=0.7)
+        fake_run(study, f"fitnet-s{seed}", "distill", seed, [0.5, 0.5, 0.5], 0.1, None,
+                 config={"method": "fitnet"}, agreement=0.6, teacher_acc=0.7)
+        fake_run(study, f"kdls-s{seed}", "distill", seed, [0.5, 0.5, 0.58], 0.1, 7.0,
+                 config={"method": "kd", "logit_standardize": True}, agreement=0.6, teacher_acc=0.7)
+    summary = report.main([str(study), "--no-publish"])
+    arms = sorted((r["method"], r["alpha"], r["temperature"], len(r["runs"])) for r in summary["rows"])
+    assert arms == [("dkd", None, 4.0, 3), ("fitnet", None, None, 3), ("kd", 0.05, 7.0, 3), ("kd", 0.1, 7.0, 3),
+                    ("kd+ls", 0.1, 7.0, 3)]
+    dkd = next(r for r in summary["rows"] if r["method"] == "dkd")
+    assert dkd["distilled_final"]["mean"] == pytest.approx(0.63) and len(dkd["baseline_runs"]) == 3
+    table = report.takeaway_table(summary)
+    assert "| dkd | - | - | 4 |" in table and "| fitnet | - | - | - |" in table and "| kd | true | 0.1 | 7 |" in table
+    assert (study / "report" / "grid.png").is_file()
+    capsys.readouterr()
+    compare.main([str(study / "dkd-s0"), str(study / "fitnet-s0"), str(study / "distill-a0.1-T7-s0"),
+                  str(study / "student-s0")])
+    rows = capsys.readouterr().out.splitlines()
+    assert rows[0].split()[:5] == ["run", "job", "arch", "method", "alpha/T"]
+    assert rows[2].split()[3:5] == ["dkd", "-/4"] and rows[3].split()[3:5] == ["fitnet", "-"]
+    assert rows[4].split()[3:5] == ["kd", "0.1/7"] and rows[5].split()[3:5] == ["-", "-"]
+
+
 def test_no_baseline_is_one_clear_error(tmp_path, capsys):
     fake_run(tmp_path / "s", "distill-a", "distill", 0, [0.5], 0.1, 7.0)
     with pytest.raises(SystemExit) as exit_info:

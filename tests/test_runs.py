@@ -21,9 +21,13 @@ def test_student_points_split_the_grid():
     assert baselines == [{"train_fraction": 0.1}, {"train_fraction": 1.0}]
     assert [list(p.items()) for p in distilled[:2]] == [
         [("method", "kd"), ("alpha", 0.1), ("temperature", 7.0), ("train_fraction", 0.1)],
-        [("method", "dkd"), ("alpha", 0.1), ("temperature", 7.0), ("train_fraction", 0.1)]]
+        [("method", "dkd"), ("temperature", 7.0), ("train_fraction", 0.1)]]  # DKD has no alpha
     assert len(distilled) == 4
     assert runs.student_points({}, {"alpha": 0.3, "temperature": 2.0}) == ([{}], [{"alpha": 0.3, "temperature": 2.0}])
+    # each method names the axes it uses; an unset --temperature is the method's paper value
+    _, points = runs.student_points({"method": ["kd", "dkd", "dist", "fitnet"]}, {"alpha": 0.1, "temperature": None})
+    assert [runs.run_name("distill", p, 0) for p in points] == [
+        "distill-kd-a0.1-T7-s0", "distill-dkd-T4-s0", "distill-dist-T1-s0", "distill-fitnet-s0"]
 
 
 def test_report_compares_each_fraction_with_its_own_baseline(tmp_path):

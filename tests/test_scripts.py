@@ -23,14 +23,6 @@ def val_records(output_dir):
     return [r for r in read_metrics(output_dir) if "val/acc1" in r]
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory, jpeg_folder):
-    out = tmp_path_factory.mktemp("runs") / "teacher"
-    run_script("train_teacher.py", *TINY, "--data-dir", jpeg_folder, "--arch", "resnet8", "--epochs", "4",
-               "--output-dir", out, "--wandb-group", "g1", "--run-name", "tiny-teacher", nproc=2)
-    return out
-
-
 def test_teacher_outputs(teacher_dir):
     assert sorted(p.name for p in (teacher_dir / "checkpoints").iterdir()) == ["epoch_0003", "epoch_0004"]
     config = json.loads((teacher_dir / "config.json").read_text())
