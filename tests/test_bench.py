@@ -37,6 +37,19 @@ def test_synthetic_prints_a_line_per_mode_and_a_summary():
                                                       "teacher-train"}
 
 
+def test_methods_side_by_side_with_kd():
+    """--method: each distill mode measures every method; the summary gives each one's step over KD's; a cache
+    holds logits only, so distill-cached skips the feature methods."""
+    lines = bench("--synthetic", "--mode", "distill", "distill-cached", "--method", "kd", "dkd", "kd+ls", "fitnet",
+                  *SMALL)
+    measured = [(line["mode"], line["method"]) for line in lines if line["mode"] in ("distill", "distill-cached")]
+    assert measured == [("distill", m) for m in ("kd", "dkd", "kd+ls", "fitnet")] + [
+        ("distill-cached", m) for m in ("kd", "dkd", "kd+ls")]
+    assert set(lines[-1]["step_over_kd"]) == {"distill:dkd", "distill:kd+ls", "distill:fitnet",
+                                              "distill-cached:dkd", "distill-cached:kd+ls"}
+    assert all(v > 0 for v in lines[-1]["step_over_kd"].values())
+
+
 def test_optimizer_implementations_side_by_side():
     lines = bench("--synthetic", "--mode", "optimizer", *SMALL)
     assert [(line["optimizer"], line["implementation"]) for line in lines[:-1]] == [

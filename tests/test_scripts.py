@@ -74,6 +74,7 @@ def test_distill_ddp(teacher_dir, jpeg_folder, tmp_path):
     assert [r["epoch"] for r in vals] == [1, 2] and all(0 <= r["val/agreement"] <= 1 for r in vals)
     run = read_run(offline_runs(out)[0])
     assert run["job_type"] == "distill" and run["config"]["alpha"] == 0.1 and run["config"]["temperature"] == 4
+    assert run["config"]["method"] == "kd" and run["config"]["method_settings"]["alpha"] == 0.1
     assert TRAIN_KEYS | VAL_KEYS | {"train/loss_kd", "val/agreement"} <= set().union(*run["history"])
     assert (out / "model_best.pt").is_file() and (out / "checkpoints" / "epoch_0002").is_dir()
     # the student file holds the student only, never the teacher's weights
@@ -108,6 +109,7 @@ def test_student_only_baseline_and_bf16_distill(teacher_dir, jpeg_folder, tmp_pa
     run_script("distill.py", *common, "--teacher-checkpoint", "none", "--output-dir", tmp_path / "student")
     run = read_run(offline_runs(tmp_path / "student")[0])
     assert run["job_type"] == "student" and "train/loss_kd" not in set().union(*run["history"])
+    assert run["config"]["method"] is None and "method_settings" not in run["config"]
     run_script("distill.py", *common, "--teacher-checkpoint", teacher_dir, "--output-dir", tmp_path / "bf16",
                mixed_precision="bf16")
     config = json.loads((tmp_path / "bf16" / "config.json").read_text())
