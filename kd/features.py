@@ -33,20 +33,29 @@ def _probe(model: nn.Module, image_size: int, names=None) -> list[tuple[str, tor
     return seen
 
 
+def _is_pool(module: nn.Module) -> bool:
+    return isinstance(module, _POOLS) or "pool" in type(module).__name__.lower()
+
+
 def last_feature_map(model: nn.Module, image_size: int) -> str:
-    """The module whose output is the last 4-D feature map before global pooling: `layer4` of a torchvision
-    ResNet, `layers` of kd's CIFAR ResNets (a container's forward finishes after its children's)."""
-    last = None
-    for name, out, module in _probe(model, image_size):
-        if isinstance(module, _POOLS) or ("pool" in type(module).__name__.lower() and torch.is_tensor(out)
-                                          and out.ndim == 4 and out.shape[-2:] == (1, 1) and last is not None):
-            break
-        if torch.is_tensor(out) and out.ndim == 4:
-            last = name
-    if last is None:
-        raise UserError(f"{type(model).__name__} has no 4-D feature map (N, C, H, W) for a feature method: name "
-                        f"the layers with --feature-layers")
-    return last
+    """The module whose output is the last 4-D feature map before the global pooling (the last pooling module to
+    run; squeeze-excitation pools inside blocks come before it): `layer4` of a torchvision ResNet, `layers` of
+    kd's CIFAR ResNets, `features` of a MobileNet (a container's forward finishes after its children's)."""
+    seen = _probe(model, image_size)
+    pools = [i for i, (_, out, module) in enumerate(seen) if _is_pool(module)]
+    inside_pools = tuple(seen[i][0] + "." for i in pools)  # e.g. timm's head.global_pool.flatten
+    is_map = [torch.is_tensor(out) and out.ndim == 4 and not _is_pool(module) and not name.startswith(inside_pools)
+              for name, out, module in seen]
+    if pools:
+        maps = [seen[i][0] for i in range(pools[-1]) if is_map[i]]
+    else:  # pooled functionally: the last 4-D map, unless tokens (N, L, D) follow it as in a ViT
+        last = max((i for i in range(len(seen)) if is_map[i]), default=None)
+        tokens = last is not None and any(torch.is_tensor(out) and out.ndim == 3 for _, out, _ in seen[last:])
+        maps = [seen[last][0]] if last is not None and not tokens else []
+    if not maps:
+        raise UserError(f"{type(model).__name__} has no feature map (N, C, H, W) before a global pooling (a ViT "
+                        f"works on tokens): name the layers for the feature method with --feature-layers")
+    return maps[-1]
 
 
 def feature_shapes(model: nn.Module, names: list[str], image_size: int) -> list[torch.Size]:
@@ -112,7 +121,7 @@ def with_feature_outputs(teacher: nn.Module, names: list[str]) -> nn.Module:
     except Exception as exc:  # noqa: BLE001 - fx raises many kinds of errors on untraceable code
         warn(f"the teacher cannot be traced by torch.fx ({exc.__class__.__name__}); its feature maps come from "
              f"hooks and its batch norms stay unfolded")
-        return HookedTeacher(teacher, names)
+        return HookedTeacher(teacher.eval(), names)  # the failed trace may have left it in training mode
     return torch.fx.GraphModule(graph, graph.graph)  # a plain GraphModule (eval graph) that fold_batchnorm copies
 
 

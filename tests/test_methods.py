@@ -195,3 +195,30 @@ def test_feature_method_with_a_teacher_cache_is_one_error_line(tmp_path, capsys)
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error: ")]
     assert len(errors) == 1 and "--method at distills feature maps" in errors[0]
     assert not (tmp_path / "o" / "config.json").exists()
+
+
+@pytest.mark.parametrize("arch,layer,folded", [
+    ("mobilenet_v3_small", "features", True),  # its squeeze-excitation pools come before the global one
+    ("timm:test_convnext", "norm_pre", True), ("timm:resnet10t", "layer4", True), ("resnet20", "layers", True),
+    ("tests.model_factories:small_net", "features", False),  # fx cannot trace it: hooks on the eager model
+])
+def test_default_feature_layer_and_fast_teacher_for_every_family(arch, layer, folded):
+    from kd.compute import inference_teacher
+    from kd.features import LOGITS, HookedTeacher, last_feature_map
+    pytest.importorskip("timm") if arch.startswith("timm:") else None
+    model = build_model(arch, 3, image_size=64).eval()
+    assert last_feature_map(model, 64) == layer
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        reference = model(x)
+        fast = inference_teacher(copy.deepcopy(model), torch.device("cpu"), torch.float32, True, False, [layer])
+        out = fast(x)
+    assert isinstance(fast, HookedTeacher) != folded and out[layer].ndim == 4
+    torch.testing.assert_close(out[LOGITS], reference, rtol=1e-3, atol=1e-3)
+
+
+def test_a_vit_has_no_default_feature_map_and_says_so():
+    from kd.errors import UserError
+    from kd.features import last_feature_map
+    with pytest.raises(UserError, match="--feature-layers"):
+        last_feature_map(build_model("tests.model_factories:tiny_vit", 3, image_size=64), 64)
