@@ -20,6 +20,8 @@ Modes (models are randomly initialised: speed does not depend on the weights):
   teacher-infer   the teacher's forward alone: eager under autocast vs kd's inference teacher (BN folded where
                   the model traces, weights cast once, channels_last), alternating, on one synthetic batch
 A final `summary` line gives each mode's speed-up over reference and distill-cached's step time over student's.
+--method kd dkd dist kd+ls fitnet at measures the distill modes once per method (paper settings), side by side;
+the summary's step_over_kd gives each method's step time over KD's in the same mode.
 """
 from __future__ import annotations
 
