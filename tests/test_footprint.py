@@ -118,8 +118,9 @@ def test_compare_without_a_run_is_one_line(tmp_path, capsys):
 
 def test_command_measures_a_model_file_and_an_arch(tmp_path, capsys):
     model = build_model("resnet8", 3)
-    save_model_file(tmp_path / "model_best.pt", model.state_dict(), {"arch": "resnet8", "num_classes": 3,
-                                                                     "image_size": 32})
+    save_model_file(tmp_path / "model_best.pt", model.state_dict(), {
+        "arch": "resnet8", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32, "mean": [0.5] * 3,
+        "std": [0.25] * 3})
     results = footprint.main([str(tmp_path), "--arch", "resnet8", "--image-size", "32", "--num-classes", "3",
                               "--budget", "0.1", "--json", "--save"])
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]

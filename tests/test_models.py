@@ -134,7 +134,8 @@ def test_optimizer_state_from_another_implementation_stays_fused(opt):
 
 def test_model_file_round_trip(tmp_path):
     model = build_model("resnet8", 3)
-    meta = {"arch": "resnet8", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32}
+    meta = {"arch": "resnet8", "num_classes": 3, "class_names": ["a", "b", "c"], "image_size": 32,
+            "mean": [0.5] * 3, "std": [0.25] * 3}
     save_model_file(tmp_path / "m.pt", model.state_dict(), meta)
     loaded, loaded_meta = load_model_file(tmp_path / "m.pt")
     assert loaded_meta == meta and not loaded.training
@@ -157,7 +158,8 @@ def test_reference_heads_on_a_frozen_backbone(tmp_path):
     assert [m.out_features for m in student.fc if isinstance(m, torch.nn.Linear)] == [128, 128, 10]
     groups = param_groups(student, 5e-4)
     assert sum(len(g["params"]) for g in groups) == 6  # three Linear layers: weights and biases only
-    meta = {"arch": "resnet18", "head": "mlp-student", "num_classes": 10}
+    meta = {"arch": "resnet18", "head": "mlp-student", "num_classes": 10, "class_names": list("abcdefghij"),
+            "image_size": 64, "mean": [0.5] * 3, "std": [0.25] * 3}
     save_model_file(tmp_path / "s.pt", student.state_dict(), meta)
     loaded, _ = load_model_file(tmp_path / "s.pt")
     assert isinstance(loaded.fc, torch.nn.Sequential) and len(loaded.fc) == 5
