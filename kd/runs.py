@@ -93,7 +93,9 @@ def student_points(grid: dict, distill_defaults: dict) -> tuple[list[dict], list
                 value = METHODS[method or DEFAULT_METHOD].default_temperature
             ordered[k] = value
         ordered.update({k: v for k, v in point.items() if k not in ordered and k not in ALWAYS_NAMED})
-        if ordered not in distilled:  # e.g. an alpha grid does not multiply the DKD runs, which have no alpha
+        # A grid key the method does not use (alpha for DKD) must not multiply its runs; a value listed twice
+        # is kept, so that the file's validation names the clash.
+        if ordered not in distilled or set(point) <= set(ordered):
             distilled.append(ordered)
     return baselines, distilled
 
