@@ -34,7 +34,7 @@ from kd.optim import EpochSchedule, build_optimizer, is_fused
 from kd.outdir import RUN_FILE, OutputDir
 from kd.packed import PackedDataset, packed_bundle
 from kd.resume import check_recipe, continue_run, recipe, saved_state
-from kd.signals import StopRequest, Stopped, ignore_stop_signals
+from kd.signals import StopRequest, Stopped, exit_stopped_on_signal, ignore_stop_signals
 from kd.teacher_cache import CachedViews
 
 CONFIG_FILE = "config.json"
@@ -258,6 +258,7 @@ class Session:
         except Stopped:
             self.print(f"stopped by signal at step {state.global_step}; state saved in {self.output_dir / CHECKPOINTS}"
                        f": run again with --resume to continue")
+            exit_stopped_on_signal()
             self._close(tracker)
             raise
         if not final:  # resumed a finished run: nothing left to train

@@ -49,6 +49,13 @@ def stop_with_launcher() -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
+def exit_stopped_on_signal() -> None:
+    """Once the state is saved: a signal while the run closes ends the process as a saved stop. torchrun terminates
+    the ranks still closing (W&B, the process group) as soon as the first one exits with EXIT_STOPPED."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, lambda _signum, _frame: os._exit(EXIT_STOPPED))
+
+
 class StopRequest:
     def __init__(self) -> None:
         self.signum: int | None = None
