@@ -30,7 +30,11 @@ def user_errors():
             print(f"error: {message}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
     except Stopped:
-        sys.exit(EXIT_STOPPED)
+        # Saved and closed: leave without interpreter finalization, which resets the signal handlers to their
+        # defaults, so torchrun's SIGTERM (sent once another rank has exited) would turn this exit 3 into -15.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_STOPPED)
     except OSError as exc:  # a full disk anywhere (metrics, config, model files): one line, not a traceback
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
