@@ -20,8 +20,8 @@ from typing import Iterable
 from kd.methods import DEFAULT_METHOD, KD, METHODS
 
 # A key's short form in names and labels; any other key appears as its flag name, e.g. `lr0.05`.
-SHORT = {"method": "", "alpha": "a", "temperature": "T", "train_fraction": "f", "seed": "s"}
-LABEL = {"alpha": "α", "temperature": "T", "train_fraction": "labels"}
+SHORT = {"method": "", "alpha": "a", "temperature": "T", "train_fraction": "f", "seed": "s", "logit_standardize": "ls"}
+LABEL = {"alpha": "α", "temperature": "T", "train_fraction": "labels", "logit_standardize": "LS"}
 # distill.py settings that a student-only run does not have (its alpha/temperature in config.json are unused
 # defaults): these and every flag of kd.config's distillation groups (see distill_keys); a gridded key outside
 # them applies to the baseline too (e.g. train_fraction).
@@ -53,7 +53,11 @@ def format_value(value) -> str:
 
 
 def name_part(key: str, value) -> str:
-    return f"{SHORT.get(key, key.replace('_', '-'))}{format_value(value)}"
+    """alpha 0.1 -> 'a0.1'; a switch by its name alone: logit_standardize true -> 'ls', false -> 'no-ls'."""
+    short = SHORT.get(key, key.replace('_', '-'))
+    if isinstance(value, bool):
+        return short if value else f"no-{short}"
+    return f"{short}{format_value(value)}"
 
 
 def run_name(job: str, point: dict, seed=None) -> str:
@@ -66,8 +70,13 @@ def run_name(job: str, point: dict, seed=None) -> str:
 
 def label(point: dict) -> str:
     """A setting for people: 'α=0.1 T=4', 'dkd α=0.1 T=4 labels=0.05'."""
-    return " ".join(format_value(v) if k == "method" else f"{LABEL.get(k, k)}={format_value(v)}"
-                    for k, v in point.items())
+    def part(k, v):
+        if k == "method":
+            return format_value(v)
+        if isinstance(v, bool):
+            return LABEL.get(k, k) if v else f"no {LABEL.get(k, k)}"
+        return f"{LABEL.get(k, k)}={format_value(v)}"
+    return " ".join(part(k, v) for k, v in point.items())
 
 
 def expand_grid(grid: dict) -> list[dict]:
@@ -97,6 +106,16 @@ def student_points(grid: dict, distill_defaults: dict) -> tuple[list[dict], list
         # is kept, so that the file's validation names the clash.
         if ordered not in distilled or set(point) <= set(ordered):
             distilled.append(ordered)
+    return baselines, distilled
+
+
+def union_points(grids: list[dict], distill_defaults: dict) -> tuple[list[dict], list[dict]]:
+    """student_points over several grids: their points in order, each once (no grid: one distilled setting)."""
+    baselines, distilled = [], []
+    for grid in grids or [{}]:
+        base, dist = student_points(grid, distill_defaults)
+        baselines += [p for p in base if p not in baselines]
+        distilled += [p for p in dist if p not in distilled]
     return baselines, distilled
 
 

@@ -41,12 +41,16 @@ class Runner:
     def __init__(self, exp: Experiment, jobs: int = 1, nproc: int = 1, log=print):
         self.exp, self.jobs, self.nproc, self.log = exp, max(1, jobs), max(1, nproc), log
         self.gpus = _gpus()
-        # more OpenMP threads than cores makes every run many times slower: share them out
-        self.threads = None if self.gpus else max(1, (os.cpu_count() or 1) // (self.jobs * self.nproc))
+        self.threads = self._threads(self.jobs)
         self.running: dict[int, tuple[Run, subprocess.Popen, object]] = {}
         self.stopping = False
         self.signals = 0  # stop requests received (the handler only counts; the loop acts)
         self.forwarded = 0
+
+    def _threads(self, parallel: int) -> int | None:
+        """OpenMP threads per process: more threads than cores makes every run many times slower, so the cores
+        are shared out among the runs that will run at once (the teacher alone gets them all)."""
+        return None if self.gpus else max(1, (os.cpu_count() or 1) // (max(1, parallel) * self.nproc))
 
     def command(self, run: Run, slot: int = 0) -> tuple[list[str], dict]:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
@@ -97,6 +101,7 @@ class Runner:
                 self.log(f"done already: {run.name}")
             else:
                 todo.append(run)
+        self.threads = self._threads(min(parallel, len(todo)))
         failed = []
         while (todo and not self.stopping) or self.running:
             free = [s for s in range(parallel) if s not in self.running]

@@ -138,6 +138,30 @@ def _section(doc: dict, key: str, where: str) -> dict:
     return value
 
 
+def _grids(grid, where: str) -> list[dict]:
+    """students.grid: one mapping of keys to value lists, or a list of them (their runs' union, e.g. KD with and
+    without logit standardization next to DKD without it). Keys normalised to argparse dests."""
+    if grid is None:
+        return []
+    example = "e.g. grid: {alpha: [0.1, 0.5]}, or leave grid out for one distilled setting"
+    if isinstance(grid, list) and not where.endswith("]"):
+        if not grid:
+            raise UserError(f"{where} is an empty list: give it one or more mappings, {example}")
+        return [g for i, sub in enumerate(grid) for g in _grids(sub, f"{where}[{i}]")]
+    if not isinstance(grid, dict) or not grid:
+        raise UserError(f"{where} is empty: give each key a list of values, {example}")
+    for key, values in grid.items():
+        if not isinstance(values, list) or not values:
+            raise UserError(f"{where}.{key}: must be a non-empty list of values, got {values!r}")
+        if str(key).replace("-", "_") in MANAGED:
+            raise UserError(f"{where}.{key}: set by kd.experiment: {MANAGED[str(key).replace('-', '_')]}")
+    return [{str(k).replace("-", "_"): v for k, v in grid.items()}]
+
+
+def _resolved_grid(grids: list[dict]) -> dict:
+    return {} if not grids else {"grid": grids[0] if len(grids) == 1 else grids}
+
+
 def git_commit() -> dict:
     def git(*args):
         try:
@@ -221,21 +245,12 @@ def resolve(doc: dict, path: Path) -> Experiment:
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool)
                                                            for s in seeds):
         raise UserError(f"{where}students.seeds: must be a non-empty list of integers, got {seeds!r}")
-    if grid is not None:
-        if not isinstance(grid, dict) or not grid:
-            raise UserError(f"{where}students.grid is empty: give each key a list of values, e.g. "
-                            f"grid: {{alpha: [0.1, 0.5]}}, or leave grid out for one distilled setting")
-        for key, values in grid.items():
-            if not isinstance(values, list) or not values:
-                raise UserError(f"{where}students.grid.{key}: must be a non-empty list of values, got {values!r}")
-            if str(key).replace("-", "_") in MANAGED:
-                raise UserError(f"{where}students.grid.{key}: set by kd.experiment: "
-                                f"{MANAGED[str(key).replace('-', '_')]}")
-        grid = {str(k).replace("-", "_"): v for k, v in grid.items()}
+    grids = _grids(grid, f"{where}students.grid")
     student_flags = {str(k).replace("-", "_"): v for k, v in {**common, **students}.items()}
     distill_defaults = {a.dest: a.default for a in _options(script_parser("distill.py")).values()}
     distill_defaults.update({k: v for k, v in student_flags.items() if k in naming.ALWAYS_NAMED})
-    baselines, distilled = naming.student_points(grid or {}, distill_defaults)
+    baselines, distilled = naming.union_points(grids, distill_defaults)
+    gridded = {k for g in grids for k in g}
     base_argv = to_argv(f"{where}students", student_flags, "distill.py")
     for seed in seeds:
         jobs = ([("student", p) for p in baselines] if baseline else []) + [("distill", p) for p in distilled]
@@ -243,7 +258,7 @@ def resolve(doc: dict, path: Path) -> Experiment:
             run_name = naming.run_name(job, point, seed)
             out = root / run_name
             # the point's own values: a gridded key, or alpha/temperature already among the student flags
-            own = {k: v for k, v in point.items() if grid and k in grid}
+            own = {k: v for k, v in point.items() if k in gridded}
             argv = base_argv + to_argv(f"{where}students.grid", own, "distill.py") + [
                 "--teacher-checkpoint", "none" if job == "student" else teacher_ref, "--seed", str(seed),
                 "--output-dir", str(out), "--run-name", run_name, *tags(job)]
@@ -260,7 +275,7 @@ def resolve(doc: dict, path: Path) -> Experiment:
     resolved = {"name": name, "output_dir": str(root), "defaults": defaults,
                 "teacher": {"checkpoint": teacher_ref} if checkpoint is not None else
                 {**teacher, "seed": teacher_seed},
-                "students": {**students, "baseline": baseline, **({"grid": grid} if grid else {}), "seeds": seeds}}
+                "students": {**students, "baseline": baseline, **_resolved_grid(grids), "seeds": seeds}}
     return Experiment(name, root, resolved, runs, teacher_checkpoint=teacher_ref if checkpoint is not None else None)
 
 
