@@ -119,6 +119,8 @@ def _betainc(a: float, b: float, x: float) -> float:
 def welch_test(a: list[float], b: list[float]) -> dict:
     """Welch's t-test of mean(a) - mean(b): the difference, its standard error, t, dof and two-sided p."""
     a, b = np.asarray(a, float), np.asarray(b, float)
+    if not len(a) or not len(b):
+        return {"diff": None, "se": None, "t": None, "dof": None, "p": None}
     diff = float(a.mean() - b.mean())
     if len(a) < 2 or len(b) < 2:
         return {"diff": diff, "se": None, "t": None, "dof": None, "p": None}
@@ -132,7 +134,10 @@ def welch_test(a: list[float], b: list[float]) -> dict:
 
 
 def _stats(values: list[float]) -> dict:
+    """mean, std (over seeds), n and the values; mean and std None for no value (e.g. no agreement recorded)."""
     v = np.asarray(values, float)
+    if not len(v):
+        return {"mean": None, "std": None, "n": 0, "values": []}
     return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v),
             "values": [float(x) for x in v]}
 
@@ -225,10 +230,14 @@ def trade_off(groups: dict[str, list[dict]]) -> list[dict]:
 
 # ---------------------------------------------------------------- output
 def _pm(s: dict) -> str:
+    if s["mean"] is None:
+        return "-"
     return f"{100 * s['mean']:.2f} ± {100 * s['std']:.2f}"
 
 
 def _delta(d: dict) -> str:
+    if d["diff"] is None:
+        return "-"
     if d["p"] is None:
         return f"{100 * d['diff']:+.2f}"
     sigma = abs(d["diff"]) / d["se"] if d["se"] else (math.inf if d["diff"] else 0.0)
@@ -278,6 +287,9 @@ def verdict(summary: dict) -> list[str]:
     lines = []
     for row in summary["rows"]:
         d = row["delta_final"]
+        if d["diff"] is None:
+            lines.append(f"{row['label']}: no student-only run with the same settings to compare with")
+            continue
         what = f"{row['label']}: distilled {100 * row['distilled_final']['mean']:.2f} % vs student-only " \
                f"{100 * row['student_final']['mean']:.2f} % ({100 * d['diff']:+.2f} pts)"
         if d["p"] is None:
@@ -361,7 +373,8 @@ def make_plots(runs: list[dict], summary: dict, out: Path) -> list[str]:
     downs = list(dict.fromkeys(down(r) for r in summary["rows"]))
     grid = np.full((len(downs), len(alphas)), np.nan)
     for row in summary["rows"]:
-        grid[downs.index(down(row)), alphas.index(row["alpha"])] = 100 * row["delta_final"]["diff"]
+        if row["delta_final"]["diff"] is not None:
+            grid[downs.index(down(row)), alphas.index(row["alpha"])] = 100 * row["delta_final"]["diff"]
     fig, ax = plt.subplots(figsize=(2.4 + 1.4 * len(alphas), 1.4 + 0.6 * len(downs)))
     limit = max(1e-6, np.nanmax(np.abs(grid)))
     image = ax.imshow(grid, cmap="RdYlGn", vmin=-limit, vmax=limit, aspect="auto")

@@ -58,6 +58,9 @@ def error_of(tmp_path, capsys, doc, *extra) -> str:
     ({"students__temprature": 4}, "'temprature' is not a flag of distill.py: did you mean temperature?"),
     ({"students__grid": {"alpah": [0.1]}}, "'alpah' is not a flag of distill.py: did you mean alpha?"),
     ({"students__grid": {}}, "students.grid is empty"),
+    ({"students__grid": []}, "students.grid is an empty list"),
+    ({"students__grid": [{"alpha": [0.1]}, {"alpha": []}]}, "students.grid[1].alpha: must be a non-empty list"),
+    ({"students__grid": [[{"alpha": [0.1]}]]}, "students.grid[0] is empty: give each key a list"),
     ({"students__grid": {"alpha": []}}, "students.grid.alpha: must be a non-empty list"),
     ({"students__grid": {"alpha": 0.1}}, "students.grid.alpha: must be a non-empty list"),
     ({"students__grid": {"alpha": [0.1, 2.0]}}, "run distill-a2-T7-s0 (distill.py): --alpha must be in [0, 1]"),
@@ -121,10 +124,25 @@ def test_dry_run_lists_every_run_with_its_command(tmp_path, capsys):
     assert only[0] == "distill-a0.1-T7-s0" and "--teacher-checkpoint runs/old/teacher" in only[1]
 
 
+def test_a_list_of_grids_is_their_union(tmp_path, capsys):
+    """The methods study in one file: KD with and without logit standardization next to DKD and AT."""
+    doc = experiment(tmp_path, students={"student_arch": "resnet8", "seeds": [0], "grid": [
+        {"method": ["kd", "dkd", "at"]}, {"method": ["kd"], "logit_standardize": [True]}]})
+    runs = dict(dry_run_names(capsys, write(tmp_path / "e.yaml", doc)))
+    assert list(runs) == ["teacher", "student-s0", "distill-kd-a0.1-T7-s0", "distill-dkd-T4-s0", "distill-at-s0",
+                          "distill-kd-a0.1-T7-ls-s0"]
+    assert "--logit-standardize" in runs["distill-kd-a0.1-T7-ls-s0"].split()
+    assert "--logit-standardize" not in runs["distill-kd-a0.1-T7-s0"].split()
+    # the same point from two grids is one run
+    doc["students"]["grid"] = [{"method": ["kd", "dkd"]}, {"method": ["dkd", "dist"]}]
+    assert [n for n, _ in dry_run_names(capsys, write(tmp_path / "e.yaml", doc))] == [
+        "teacher", "student-s0", "distill-kd-a0.1-T7-s0", "distill-dkd-T4-s0", "distill-dist-T1-s0"]
+
+
 def test_every_preset_is_valid(capsys):
     presets = sorted((REPO / "experiments").glob("*.yaml"))
     assert {p.stem for p in presets} >= {"smoke", "laptop", "reference", "cpu-study", "gpu-study",
-                                         "label-fraction-cpu"}
+                                         "label-fraction-cpu", "methods-cpu"}
     for preset in presets:
         assert main(["run", str(preset), "--dry-run"]) == 0, preset
     assert "labels" not in capsys.readouterr().err

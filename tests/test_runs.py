@@ -13,6 +13,12 @@ def test_names():
                                      "lr": 1e-05}, seed=1) == "distill-dkd-a0.1-T4-f0.05-lr1e-05-s1"
     assert runs.label({"method": "dkd", "alpha": 0.1, "temperature": 4.0, "train_fraction": 0.05}) == \
         "dkd α=0.1 T=4 labels=0.05"
+    # a switch by its short name: on, or off with no-
+    assert runs.run_name("distill", {"method": "kd", "alpha": 0.1, "temperature": 7, "logit_standardize": True},
+                         seed=0) == "distill-kd-a0.1-T7-ls-s0"
+    assert runs.run_name("distill", {"logit_standardize": False, "compile": True}) == "distill-no-ls-compile"
+    assert runs.label({"method": "kd", "logit_standardize": True}) == "kd LS"
+    assert runs.label({"logit_standardize": False}) == "no LS"
 
 
 def test_student_points_split_the_grid():
@@ -28,6 +34,30 @@ def test_student_points_split_the_grid():
     _, points = runs.student_points({"method": ["kd", "dkd", "dist", "fitnet"]}, {"alpha": 0.1, "temperature": None})
     assert [runs.run_name("distill", p, 0) for p in points] == [
         "distill-kd-a0.1-T7-s0", "distill-dkd-T4-s0", "distill-dist-T1-s0", "distill-fitnet-s0"]
+
+
+def test_union_points_keeps_each_point_once():
+    grids = [{"method": ["kd", "dkd"]}, {"method": ["kd"], "logit_standardize": [True]}, {"method": ["dkd"]}]
+    baselines, distilled = runs.union_points(grids, {"alpha": 0.1, "temperature": None})
+    assert baselines == [{}]
+    assert [runs.run_name("distill", p) for p in distilled] == ["distill-kd-a0.1-T7", "distill-dkd-T4",
+                                                                "distill-kd-a0.1-T7-ls"]
+    assert runs.union_points([], {"alpha": 0.3, "temperature": 2.0}) == ([{}], [{"alpha": 0.3, "temperature": 2.0}])
+
+
+def test_report_without_agreement_warns_nothing(tmp_path):
+    import warnings
+    root = tmp_path / "runs"
+    fake_run(root, "teacher", "teacher", 0, [0.9])
+    fake_run(root, "student-s0", "student", 0, [0.3])
+    fake_run(root, "distill-a0.1-T4-s0", "distill", 0, [0.5], 0.1, 4.0)  # no agreement figures
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = report.summarize(report.load_local_runs(root))
+        (row,) = summary["rows"]
+        assert row["agreement_final"]["mean"] is None and row["agreement_final"]["n"] == 0
+        assert report.takeaway_table(summary).splitlines()[2].endswith("| +20.00 | - |")
+    assert report.welch_test([], [0.5])["diff"] is None
 
 
 def test_report_compares_each_fraction_with_its_own_baseline(tmp_path):
