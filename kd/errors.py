@@ -19,6 +19,8 @@ EXIT_USER_ERROR = 2
 def user_errors():
     """Every command's main: bad input ends the process with one line on stderr (from the first process only) and
     EXIT_USER_ERROR; a training run stopped by a signal exits with EXIT_STOPPED."""
+    import torch
+
     from kd.signals import EXIT_STOPPED, Stopped  # signals needs torch; UserError alone does not
 
     try:
@@ -35,12 +37,24 @@ def user_errors():
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_STOPPED)
+    except torch.OutOfMemoryError as exc:  # the rank that ran out says so (the others may not)
+        print(f"error: {out_of_memory_message(exc)}", file=sys.stderr, flush=True)
+        sys.exit(EXIT_USER_ERROR)
     except OSError as exc:  # a full disk anywhere (metrics, config, model files): one line, not a traceback
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
             raise
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"error: {no_space_message(exc.filename or os.getcwd())}", file=sys.stderr, flush=True)
         sys.exit(EXIT_USER_ERROR)
+
+
+def out_of_memory_message(exc: BaseException) -> str:
+    """torch's first line (what it tried to allocate, how much is free) and what to do about it."""
+    first = (str(exc).strip().splitlines() or ["out of memory"])[0]
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    where = f"rank {os.environ.get('RANK', '0')}: " if world > 1 else ""
+    return (f"{where}out of GPU memory ({first.rstrip('.')}): lower --batch-size and keep the effective batch with "
+            f"--grad-accum-steps, or use --mixed-precision bf16; checkpoints saved before are intact (--resume)")
 
 
 def warn(message: str) -> None:

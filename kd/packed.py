@@ -36,6 +36,7 @@ from torchvision.datasets import folder as tv_folder
 from torchvision.transforms import functional as TF
 
 from kd.data import DEFAULT_CACHE, IMAGENET_MEAN, IMAGENET_STD, DataBundle
+from kd.data import eval_resize as data_eval_resize
 from kd.errors import UserError, user_errors
 from kd.fastai_data import FASTAI_DATASETS, infer_dataset, resolve_fastai_root
 
@@ -56,7 +57,8 @@ class PackSpec:
 
 
 def eval_resize(image_size: int) -> int:
-    return int(round(image_size / 0.875))  # the ImageNet eval protocol, as kd.data.eval_transform
+    """kd.data's eval resize for image folders (the only data packed): the val pack is the eval transform."""
+    return data_eval_resize("imagefolder", image_size)
 
 
 def pack_specs(image_size: int, pack_size: int | None = None) -> dict[str, PackSpec]:

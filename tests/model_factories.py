@@ -47,3 +47,23 @@ class EigenNet(nn.Module):
 
 def eigen_net(num_classes: int) -> nn.Module:
     return EigenNet(num_classes)
+
+
+class OutOfMemoryNet(SmallNet):
+    """SmallNet whose 7th training forward (2nd step of epoch 2 at batch 128) raises what CUDA raises when a batch does not fit (CPU tests)."""
+
+    def __init__(self, num_classes: int):
+        super().__init__(num_classes)
+        self.forwards = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.forwards += 1
+            if self.forwards == 7:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 20.00 GiB. GPU 0 has a total "
+                                             "capacity of 79.19 GiB of which 3.12 GiB is free.\nmore detail")
+        return super().forward(x)
+
+
+def out_of_memory_net(num_classes: int) -> nn.Module:
+    return OutOfMemoryNet(num_classes)

@@ -188,6 +188,20 @@ def test_nan_loss_stops_naming_the_step(tmp_path):
     assert not (out / "checkpoints").exists() or not list((out / "checkpoints").glob(".tmp-*"))
 
 
+def test_out_of_memory_is_one_line_and_keeps_the_saved_epoch(tmp_path):
+    """A batch that does not fit (CUDA's OutOfMemoryError, raised here by a user model at the 2nd step of epoch 2):
+    one line naming what torch tried to allocate and what to do; the first epoch's checkpoint resumes."""
+    out = tmp_path / "run"
+    flags = ("--dataset", "synthetic", "--arch", "model_factories:out_of_memory_net", "--batch-size", "128",
+             "--workers", "0", "--report-to", "none", "--epochs", "2", "--output-dir", out)
+    env = script_env(PYTHONPATH=f"{REPO}{os.pathsep}{REPO / 'tests'}")
+    proc = run_script("train_teacher.py", *flags, check=False, env=env)
+    error = one_error(proc)
+    assert error.startswith("error: out of GPU memory (CUDA out of memory. Tried to allocate 20.00 GiB") and \
+        "--batch-size" in error and "more detail" not in proc.stderr, error
+    assert (out / "checkpoints").is_dir() and not list(out.glob("checkpoints/.tmp-*"))
+
+
 # ---------------------------------------------------------------- bad input: one line, exit != 0, nothing damaged
 def one_error(proc):
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
