@@ -48,6 +48,10 @@ def test_methods_side_by_side_with_kd():
     assert set(lines[-1]["step_over_kd"]) == {"distill:dkd", "distill:kd+ls", "distill:fitnet",
                                               "distill-cached:dkd", "distill-cached:kd+ls"}
     assert all(v > 0 for v in lines[-1]["step_over_kd"].values())
+    # the same ratios by CPU time (what a shared machine cannot inflate), and each line's CPU time per step
+    assert set(lines[-1]["cpu_over_kd"]) == set(lines[-1]["step_over_kd"])
+    assert all(v > 0 for v in lines[-1]["cpu_over_kd"].values())
+    assert all(line["cpu_ms"] > 0 for line in lines if line["mode"] in ("distill", "distill-cached"))
 
 
 def test_optimizer_implementations_side_by_side():
