@@ -19,6 +19,10 @@ Modes (models are randomly initialised: speed does not depend on the weights):
                   fused implementations side by side (one line each)
   teacher-infer   the teacher's forward alone: eager under autocast vs kd's inference teacher (BN folded where
                   the model traces, weights cast once, channels_last), alternating, on one synthetic batch
+  method-loss     each --method's loss alone, forward + backward, on the step's shapes (batch x classes logits; the
+                  student's and teacher's feature maps): median of many repetitions, a cost too small for step
+                  times to resolve on a CPU. With distill measured in the same run, the summary's
+                  loss_bound_over_kd is (KD step + this loss - KD's loss) / KD step, per method
 A final `summary` line gives each mode's speed-up over reference and distill-cached's step time over student's.
 --method kd dkd dist kd+ls fitnet at measures the distill modes once per method (paper settings), side by side;
 the summary's step_over_kd gives each method's step time over KD's in the same mode.
@@ -52,6 +56,7 @@ from kd.data import IMAGENET_MEAN, IMAGENET_STD
 from kd.engine import Objective, Trainer
 from kd.methods import AT, DIST, DKD, KD, FitNet, layer_pairs
 from kd.errors import UserError, user_errors
+from kd.features import feature_shapes
 from kd.models import build_model
 from kd.optim import build_optimizer, is_fused
 from kd.packed import ensure_packs
@@ -65,8 +70,8 @@ ALPHA, TEMPERATURE = 0.1, 7.0
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=(*MODES, "allreduce", "ddp-overhead", "optimizer",
-                   "teacher-infer"), help="modes to measure, in this order (default: all but ddp-overhead, allreduce, "
-                   "optimizer, teacher-infer)")
+                   "teacher-infer", "method-loss"), help="modes to measure, in this order (default: all but "
+                   "ddp-overhead, allreduce, optimizer, teacher-infer, method-loss)")
     p.add_argument("--teacher", default="resnet101", help="teacher architecture, any kd.models name: torchvision, "
                    "timm:<name>, package.module:callable, CIFAR ResNets (default: resnet101)")
     p.add_argument("--student", default="resnet18", help="student architecture, as --teacher (default: resnet18)")
@@ -248,6 +253,38 @@ def bench_method(name: str, student: torch.nn.Module, teacher: torch.nn.Module, 
             "dkd": DKD, "dist": DIST}[name]()
 
 
+def method_losses(setup: "Setup") -> list[dict]:
+    """Each --method's loss alone, forward + backward, on random logits and feature maps of the step's shapes."""
+    args, device = setup.args, setup.accelerator.device
+    student = build_model(args.student, setup.num_classes, image_size=args.image_size)
+    teacher = build_model(args.teacher, setup.num_classes, image_size=args.image_size)
+    n, reps = args.batch_size, max(10, 5 * args.steps)
+    generator = torch.Generator().manual_seed(0)
+    lines = []
+    for name in args.method:
+        method = bench_method(name, student, teacher, args.image_size).to(device)
+        s_shapes = feature_shapes(student, method.student_layers, args.image_size) if method.student_layers else []
+        t_shapes = feature_shapes(teacher, method.teacher_layers, args.image_size) if method.teacher_layers else []
+        make = lambda *shape: torch.randn(*shape, generator=generator).to(device)  # noqa: E731
+        logits, t_logits = make(n, setup.num_classes), make(n, setup.num_classes)
+        targets = torch.randint(setup.num_classes, (n,), generator=generator).to(device)
+        s_feats = [make(n, *shape[1:]) for shape in s_shapes]
+        t_feats = [make(n, *shape[1:]) for shape in t_shapes]
+        times = []
+        for i in range(args.warmup + reps):
+            inputs = [logits.clone().requires_grad_(), *(f.clone().requires_grad_() for f in s_feats)]
+            synchronize(device)
+            start = time.perf_counter()
+            loss, _ = method(inputs[0], t_logits, targets, inputs[1:], t_feats, epoch=1)
+            loss.backward()
+            synchronize(device)
+            if i >= args.warmup:
+                times.append(1000 * (time.perf_counter() - start))
+        lines.append({"method": name, "loss_ms": round(statistics.median(times), 3), "repetitions": reps,
+                      "feature_maps": [list(shape[1:]) for shape in (*s_shapes, *t_shapes)]})
+    return lines
+
+
 def kd_mode(mode: str, setup: Setup, ids, build_lines: list, method: str = "kd"):
     args, acc = setup.args, setup.accelerator
     arch = args.teacher if mode == "teacher-train" else args.student
@@ -403,11 +440,17 @@ def main(argv=None) -> None:
                 "cpu_bf16_flags": sorted(cpu_flags()) or None}
         results: dict[str, list[float]] = {}
         cpu_results: dict[str, list[float]] = {}
+        loss_results: dict[str, list[float]] = {}
         for round_index in range(args.rounds):
             for mode in args.mode:
                 load = os.getloadavg()[0]
                 if mode == "teacher-infer":
                     emit(setup, {"mode": mode, **base, **teacher_inference(setup), "round": round_index})
+                    continue
+                if mode == "method-loss":
+                    for line in method_losses(setup):
+                        emit(setup, {"mode": mode, **line, **base, "round": round_index})
+                        loss_results.setdefault(line["method"], []).append(line["loss_ms"])
                     continue
                 if mode == "optimizer":
                     for line in optimizer_steps(setup):
@@ -439,11 +482,12 @@ def main(argv=None) -> None:
                             "data_wait_ms": round(t["data_wait_ms"], 1), **base, **flags}
                     setup.accelerator.free_memory()
                     emit(setup, {**line, "round": round_index, "load_avg_1m": round(load, 2)})
-        emit(setup, summary(results, base, cpu_results))
+        emit(setup, summary(results, base, cpu_results, loss_results))
         setup.accelerator.end_training()  # destroys the process group: gloo aborts at exit otherwise
 
 
-def summary(results: dict[str, list[float]], base: dict, cpu_results: dict[str, list[float]] | None = None) -> dict:
+def summary(results: dict[str, list[float]], base: dict, cpu_results: dict[str, list[float]] | None = None,
+            loss_results: dict[str, list[float]] | None = None) -> dict:
     """Median step time per mode over rounds; speed-ups relative to reference; each method's step over KD's, by
     wall time and (cpu_over_kd) by the process's CPU time, which a shared machine disturbs far less."""
     median = {mode: statistics.median(times) for mode, times in results.items()}
@@ -460,6 +504,12 @@ def summary(results: dict[str, list[float]], base: dict, cpu_results: dict[str, 
         if cpu:
             line["cpu_ms"] = {m: round(v, 1) for m, v in cpu.items()}
             line["cpu_over_kd"] = {key: round(cpu[key] / cpu[key.split(":")[0]], 3) for key in over_kd}
+    losses = {m: statistics.median(v) for m, v in (loss_results or {}).items()}
+    if losses:
+        line["loss_ms"] = {m: round(v, 3) for m, v in losses.items()}
+        if "kd" in losses and "distill" in median:  # a method's step is KD's step with KD's loss swapped for its own
+            line["loss_bound_over_kd"] = {m: round((median["distill"] + v - losses["kd"]) / median["distill"], 4)
+                                          for m, v in losses.items() if m != "kd"}
     return line
 
 

@@ -54,6 +54,21 @@ def test_methods_side_by_side_with_kd():
     assert all(line["cpu_ms"] > 0 for line in lines if line["mode"] in ("distill", "distill-cached"))
 
 
+def test_method_loss_alone_bounds_the_step_over_kd():
+    """--mode method-loss: each method's loss alone (forward + backward) on the step's shapes; with distill in the
+    same run, the summary bounds each method's step by KD's step plus the difference of the losses."""
+    lines = bench("--synthetic", "--mode", "distill", "method-loss", "--method", "kd", "dkd", "dist", "at", "fitnet",
+                  *SMALL)
+    losses = {line["method"]: line for line in lines if line["mode"] == "method-loss"}
+    assert list(losses) == ["kd", "dkd", "dist", "at", "fitnet"] and all(v["loss_ms"] > 0 for v in losses.values())
+    assert losses["kd"]["feature_maps"] == [] and losses["at"]["feature_maps"] == [[64, 8, 8], [256, 8, 8]]
+    summary = lines[-1]
+    assert set(summary["loss_bound_over_kd"]) == {"dkd", "dist", "at", "fitnet"}
+    kd_step = summary["step_ms"]["distill"]
+    assert summary["loss_bound_over_kd"]["dkd"] == pytest.approx(
+        (kd_step + summary["loss_ms"]["dkd"] - summary["loss_ms"]["kd"]) / kd_step, abs=1e-3)
+
+
 def test_optimizer_implementations_side_by_side():
     lines = bench("--synthetic", "--mode", "optimizer", *SMALL)
     assert [(line["optimizer"], line["implementation"]) for line in lines[:-1]] == [
