@@ -142,6 +142,19 @@ def _stats(values: list[float]) -> dict:
             "values": [float(x) for x in v]}
 
 
+def _teacher_arch(groups) -> str | None:
+    """The architecture of a teacher trained outside these runs (an experiment's teacher.checkpoint): from the
+    config.json of the output dir the distilled runs name (paths as they were given, from where kd.report runs)."""
+    for group in groups:
+        for r in group:
+            config_file = Path(str(r["config"].get("teacher_checkpoint") or "")) / "config.json"
+            try:
+                return json.loads(config_file.read_text()).get("arch")
+            except (OSError, ValueError):
+                continue
+    return None
+
+
 def summarize(runs: list[dict]) -> dict:
     """One row per distilled setting (kd.runs: method, alpha, temperature and any other gridded key, over its
     seeds), against the student-only runs that share its non-distillation settings (e.g. the label fraction)."""
@@ -186,10 +199,11 @@ def summarize(runs: list[dict]) -> dict:
                                                             for r in g if r["teacher_acc1"] is not None), None)
     return {
         "dataset": runs[0]["dataset"], "image_size": runs[0]["image_size"],
-        "teacher": {"arch": teacher["arch"] if teacher else None, "final_acc1": teacher_acc,
+        "teacher": {"arch": teacher["arch"] if teacher else _teacher_arch(distilled.values()), "final_acc1": teacher_acc,
                     "best_acc1": max(teacher["acc1"]) if teacher else None},
         "student_arch": students[0]["arch"], "student_seeds": sorted({r["seed"] for r in students}),
-        "axes": [k for k in varying if k not in ("seed",)],
+        # logit standardization shows in the method (kd+ls), as kd.runs groups it
+        "axes": list(dict.fromkeys("method" if k == "logit_standardize" else k for k in varying if k != "seed")),
         "epochs": max(r["epochs"][-1] for r in runs), "rows": rows,
         "wall_hours": sum(r["wall_seconds"] or 0 for r in runs) / 3600,
         "tradeoff": trade_off({"teacher": teachers[:1], **run_groups(runs, rows)}),

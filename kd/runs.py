@@ -137,12 +137,15 @@ def settings(config: dict, varying: list[str]) -> tuple[dict, dict]:
     if config.get("job_type") != "distill":
         return shared, {}
     method = config.get("method") or DEFAULT_METHOD  # runs from before methods existed are kd
-    distill = {"method": method} if "method" in varying else {}
+    # logit standardization is a variant of the method (kd+ls, as kd.methods.method_label says), not an axis
+    label = method + ("+ls" if config.get("logit_standardize") else "")
+    distill = {"method": label} if {"method", "logit_standardize"} & set(varying) else {}
     named = named_axes(method)
     distill.update({k: config.get(k) for k in named})
     # other varying distillation settings, less the axes this method does not use and flags a run lacks
     distill.update({k: config.get(k) for k in varying if k in distill_keys() and k not in distill
-                    and (k not in ALWAYS_NAMED or k in named) and config.get(k) is not None})
+                    and k != "logit_standardize" and (k not in ALWAYS_NAMED or k in named)
+                    and config.get(k) is not None})
     return shared, distill
 
 

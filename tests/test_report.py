@@ -107,7 +107,10 @@ def test_methods_are_an_axis_next_to_alpha_and_temperature(study, capsys):
     dkd = next(r for r in summary["rows"] if r["method"] == "dkd")
     assert dkd["distilled_final"]["mean"] == pytest.approx(0.63) and len(dkd["baseline_runs"]) == 3
     table = report.takeaway_table(summary)
-    assert "| dkd | - | - | 4 |" in table and "| fitnet | - | - | - |" in table and "| kd | true | 0.1 | 7 |" in table
+    # logit standardization is part of the method's name (kd+ls), not a column of true/false next to every method
+    assert "| dkd | - | 4 |" in table and "| fitnet | - | - |" in table and "| kd+ls | 0.1 | 7 |" in table
+    assert "| kd | 0.1 | 7 |" in table and "LS" not in table.splitlines()[0]
+    assert any(line.startswith("kd+ls α=0.1 T=7: distilled") for line in report.verdict(summary))
     assert (study / "report" / "grid.png").is_file()
     capsys.readouterr()
     compare.main([str(study / "dkd-s0"), str(study / "fitnet-s0"), str(study / "distill-a0.1-T7-s0"),

@@ -79,3 +79,18 @@ def test_report_compares_each_fraction_with_its_own_baseline(tmp_path):
     table = report.takeaway_table(summary)
     assert "| labels | α | T |" in table and "| 0.1 | 0.1 | 4 |" in table
     assert "α=0.1 T=4 labels=0.1" in report.verdict(summary)[0]
+
+
+def test_teacher_from_elsewhere_is_named_by_its_config(tmp_path):
+    """An experiment's teacher.checkpoint lives outside the report's folder: the table names its arch from the
+    config.json of the output dir the distilled runs were given."""
+    teacher = tmp_path / "elsewhere" / "teacher"
+    teacher.mkdir(parents=True)
+    (teacher / "config.json").write_text('{"arch": "resnet20", "job_type": "teacher"}')
+    root = tmp_path / "runs"
+    fake_run(root, "student-s0", "student", 0, [0.3])
+    fake_run(root, "distill-a0.1-T4-s0", "distill", 0, [0.5], 0.1, 4.0, teacher_acc=0.57,
+             config={"teacher_checkpoint": str(teacher)})
+    summary = report.summarize(report.load_local_runs(root))
+    assert summary["teacher"]["arch"] == "resnet20"
+    assert report.takeaway_table(summary).splitlines()[2].startswith("| resnet20 (57.00) |")
