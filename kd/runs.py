@@ -99,7 +99,8 @@ def student_points(grid: dict, distill_defaults: dict) -> tuple[list[dict], list
         for k in named_axes(method):
             value = point.get(k, distill_defaults.get(k))
             if k == "temperature" and value is None:  # --temperature unset: the method's own
-                value = METHODS[method or DEFAULT_METHOD].default_temperature
+                standardize = point.get("logit_standardize", distill_defaults.get("logit_standardize"))
+                value = METHODS[method or DEFAULT_METHOD].temperature_default(bool(standardize))
             ordered[k] = value
         ordered.update({k: v for k, v in point.items() if k not in ordered and k not in ALWAYS_NAMED})
         # A grid key the method does not use (alpha for DKD) must not multiply its runs; a value listed twice

@@ -66,6 +66,20 @@ def test_kd_with_logit_standardization_is_kd_on_standardized_logits():
     assert loss.item() == pytest.approx(0.2 * parts["train/loss_ce"].item() + 0.8 * kd.item())
 
 
+@pytest.mark.parametrize("flags,temperature", [
+    ((), 7.0), (("--logit-standardize",), 2.0), (("--method", "dkd"), 4.0),
+    (("--method", "dkd", "--logit-standardize"), 2.0), (("--method", "dist", "--logit-standardize"), 1.0),
+    (("--logit-standardize", "--temperature", "4"), 4.0)])
+def test_temperature_defaults_to_the_papers(flags, temperature):
+    """Each logit method's paper temperature; with logit standardization (unit-spread logits) Sun et al.'s base
+    temperature 2 for KD and DKD; a given --temperature always wins."""
+    import distill
+    from kd.config import validate
+    args = distill.build_parser().parse_args(list(flags))
+    validate(args)
+    assert args.temperature == temperature
+
+
 def test_dkd_warms_up_linearly_over_epochs():
     torch.manual_seed(2)
     s, t, y = torch.randn(4, 6), torch.randn(4, 6), torch.randint(0, 6, (4,))

@@ -41,8 +41,12 @@ def test_union_points_keeps_each_point_once():
     baselines, distilled = runs.union_points(grids, {"alpha": 0.1, "temperature": None})
     assert baselines == [{}]
     assert [runs.run_name("distill", p) for p in distilled] == ["distill-kd-a0.1-T7", "distill-dkd-T4",
-                                                                "distill-kd-a0.1-T7-ls"]
+                                                                "distill-kd-a0.1-T2-ls"]
     assert runs.union_points([], {"alpha": 0.3, "temperature": 2.0}) == ([{}], [{"alpha": 0.3, "temperature": 2.0}])
+    # an unset --temperature with logit standardization is the method's standardized one (kd: 2)
+    _, (point,) = runs.union_points([{"method": ["kd"], "logit_standardize": [True]}], {"alpha": 0.1,
+                                                                                        "temperature": None})
+    assert runs.run_name("distill", point) == "distill-kd-a0.1-T2-ls"
 
 
 def test_report_without_agreement_warns_nothing(tmp_path):

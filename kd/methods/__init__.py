@@ -28,6 +28,8 @@ def add_method_flags(parser: argparse.ArgumentParser, group: argparse._ArgumentG
                        "method groups below for each one's flags")
     group.add_argument("--temperature", type=float, help="softmax temperature T of the logit methods (default: the "
                        "method's paper value: " + ", ".join(f"{n} {METHODS[n].default_temperature:g}" for n in logit)
+                       + "; with --logit-standardize " + ", ".join(f"{n} {m.standardized_temperature:g}" for n, m in
+                                                                  METHODS.items() if m.standardized_temperature)
                        + ")")
     group.add_argument("--logit-standardize", action="store_true", help="standardize each sample's student and "
                        f"teacher logits (z - mean) / std before the temperature softmax (Sun et al. 2024); for "
@@ -51,7 +53,7 @@ def method_checks(args: argparse.Namespace) -> list[tuple[bool, str]]:
     """Resolves --temperature to the method's default, and the checks of the method's flags."""
     method = METHODS[args.method]
     if args.temperature is None:
-        args.temperature = method.default_temperature
+        args.temperature = method.temperature_default(args.logit_standardize)
     return [
         (args.temperature is None or args.temperature > 0, f"--temperature must be > 0, got {args.temperature}"),
         (not (method.uses_features and getattr(args, "teacher_cache", None)),

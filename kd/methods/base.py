@@ -24,6 +24,14 @@ class Method(nn.Module):
     name = ""
     paper = ""
     default_temperature: float | None = None  # logit methods: --temperature when not given
+    # ... and with --logit-standardize: z-scored logits have unit spread, so the paper's base temperature is lower
+    standardized_temperature: float | None = None
+
+    @classmethod
+    def temperature_default(cls, logit_standardize: bool = False) -> float | None:
+        if logit_standardize and cls.standardized_temperature is not None:
+            return cls.standardized_temperature
+        return cls.default_temperature
     uses_features = False  # feature methods cannot run from a teacher cache (it holds logits only)
 
     def __init__(self):
