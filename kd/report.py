@@ -14,6 +14,7 @@ import argparse
 import json
 import math
 import os
+import warnings
 from collections import defaultdict
 from pathlib import Path
 
@@ -338,7 +339,9 @@ def _mean_band(runs: list[dict], key: str):
     length = min(len(r[key]) for r in runs)
     values = np.array([[np.nan if v is None else v for v in r[key][:length]] for r in runs], float)
     epochs = runs[0]["epochs"][:length]
-    return epochs, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
+    with warnings.catch_warnings():  # an epoch no run recorded (agreement of student-only runs): NaN, not plotted
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return epochs, np.nanmean(values, 0), np.nanmin(values, 0), np.nanmax(values, 0)
 
 
 def require_matplotlib() -> None:
@@ -430,6 +433,11 @@ def _fraction_plot(plt, summary: dict):
     ax.set_xscale("log")
     ax.set(xlabel="training labels (%)", ylabel="final val top-1 (%)",
            title="Student-only vs distilled by label fraction (mean ± std over seeds)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return fig
+
+
 def tradeoff_plot(entries: list[dict], plt):
     """Accuracy against CPU latency, one point per group, seeds as error bars: up and left is better."""
     from matplotlib.ticker import ScalarFormatter

@@ -83,6 +83,9 @@ def test_report_compares_each_fraction_with_its_own_baseline(tmp_path):
     table = report.takeaway_table(summary)
     assert "| labels | α | T |" in table and "| 0.1 | 0.1 | 4 |" in table
     assert "α=0.1 T=4 labels=0.1" in report.verdict(summary)[0]
+    # the whole report, as kd.experiment runs it: fractions.png (final top-1 against the fraction of labels)
+    report.main([str(root), "--no-publish"])
+    assert (root / "report" / "fractions.png").stat().st_size > 1000
 
 
 def test_teacher_from_elsewhere_is_named_by_its_config(tmp_path):
