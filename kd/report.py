@@ -22,7 +22,7 @@ import numpy as np
 
 from kd import runs as naming
 from kd import footprint
-from kd.errors import UserError, user_errors
+from kd.errors import UserError, user_errors, warn
 from kd.methods import method_label
 from kd.tracking import read_metrics, wandb_logged_in
 
@@ -49,8 +49,14 @@ def _run_record(name: str, config: dict, records: list[dict], figures: dict | No
     }
 
 
+def _unfinished(run: dict, run_dir: Path) -> bool:
+    """Neither a final model file nor its planned epochs: stopped, failed or still training."""
+    planned = run["epochs_planned"]
+    return not (run_dir / "model_final.pt").is_file() and bool(planned) and max(run["epochs"]) < planned
+
+
 def load_local_runs(root: Path) -> list[dict]:
-    runs = []
+    runs, unfinished = [], []
     for config_file in sorted(Path(root).glob("**/config.json")):
         run_dir = config_file.parent
         if not (run_dir / "metrics.jsonl").exists():
@@ -58,8 +64,13 @@ def load_local_runs(root: Path) -> list[dict]:
         figures_file = run_dir / footprint.FILE
         figures = footprint.summary_values(json.loads(figures_file.read_text())) if figures_file.is_file() else None
         run = _run_record(run_dir.name, json.loads(config_file.read_text()), read_metrics(run_dir), figures)
-        if run:
+        if run and _unfinished(run, run_dir):
+            unfinished.append(run["name"])
+        elif run:
             runs.append(run)
+    if unfinished:  # a run stopped or still training would enter the table with an early epoch's accuracy
+        warn(f"left out {len(unfinished)} unfinished run(s) ({', '.join(unfinished)}): finish them (rerun the "
+             f"experiment) and report again")
     if not runs:
         raise UserError(f"no finished epoch in any run under {root}: pass a folder holding run output dirs "
                         f"(each with config.json and metrics.jsonl)")
@@ -162,6 +173,9 @@ def summarize(runs: list[dict]) -> dict:
     teachers = [r for r in runs if r["job_type"] == "teacher"]
     students = [r for r in runs if r["job_type"] == "student"]
     varying = naming.varying_keys(r["config"] for r in runs if r["job_type"] in ("student", "distill"))
+    # a distillation setting is an axis only where it differs between distilled runs (students have no method)
+    among_distilled = naming.varying_keys(r["config"] for r in runs if r["job_type"] == "distill")
+    varying = [k for k in varying if k not in naming.distill_keys() or k in among_distilled]
     baselines, distilled = defaultdict(list), defaultdict(list)
     for r in runs:
         shared, distill = naming.settings({**r["config"], "job_type": r["job_type"]}, varying)

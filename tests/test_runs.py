@@ -101,3 +101,17 @@ def test_teacher_from_elsewhere_is_named_by_its_config(tmp_path):
     summary = report.summarize(report.load_local_runs(root))
     assert summary["teacher"]["arch"] == "resnet20"
     assert report.takeaway_table(summary).splitlines()[2].startswith("| resnet20 (57.00) |")
+
+
+def test_unfinished_runs_are_left_out_and_named(tmp_path, capsys):
+    """A run stopped (or still training) at an early epoch would enter the table with that epoch's accuracy."""
+    import json
+    root = tmp_path / "runs"
+    fake_run(root, "student-s0", "student", 0, [0.3, 0.4])
+    fake_run(root, "distill-a0.1-T4-s0", "distill", 0, [0.5, 0.6], 0.1, 4.0)
+    fake_run(root, "distill-a0.1-T4-s1", "distill", 1, [0.2], 0.1, 4.0)
+    config_file = root / "distill-a0.1-T4-s1" / "config.json"
+    config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "epochs": 2}))  # 1 of 2 epochs
+    names = [r["name"] for r in report.load_local_runs(root)]
+    assert names == ["distill-a0.1-T4-s0", "student-s0"]
+    assert "left out 1 unfinished run(s) (distill-a0.1-T4-s1)" in capsys.readouterr().err
