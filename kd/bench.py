@@ -249,7 +249,7 @@ def bench_method(name: str, student: torch.nn.Module, teacher: torch.nn.Module, 
         if name == "fitnet":
             return FitNet.for_models(student, teacher, image_size)
         return AT(*layer_pairs(None, student, teacher, image_size))
-    return {"kd": lambda: KD(ALPHA, TEMPERATURE), "kd+ls": lambda: KD(ALPHA, TEMPERATURE, logit_standardize=True),
+    return {"kd": lambda: KD(ALPHA, TEMPERATURE), "kd+ls": lambda: KD(ALPHA, KD.standardized_temperature, logit_standardize=True),
             "dkd": DKD, "dist": DIST}[name]()
 
 

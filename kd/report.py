@@ -159,7 +159,11 @@ def _teacher_arch(groups) -> str | None:
     config.json of the output dir the distilled runs name (paths as they were given, from where kd.report runs)."""
     for group in groups:
         for r in group:
-            config_file = Path(str(r["config"].get("teacher_checkpoint") or "")) / "config.json"
+            ref = r["config"].get("teacher_checkpoint")
+            if not ref or str(ref).lower() == "none":
+                continue
+            path = Path(str(ref)).expanduser()
+            config_file = (path if path.is_dir() else path.parent) / "config.json"  # a dir, or a model file in one
             try:
                 return json.loads(config_file.read_text()).get("arch")
             except (OSError, ValueError):

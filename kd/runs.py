@@ -111,12 +111,23 @@ def student_points(grid: dict, distill_defaults: dict) -> tuple[list[dict], list
 
 
 def union_points(grids: list[dict], distill_defaults: dict) -> tuple[list[dict], list[dict]]:
-    """student_points over several grids: their points in order, each once (no grid: one distilled setting)."""
+    """student_points over several grids: their points in order, each run once (no grid: one distilled
+    setting). Points are the same run when they train the same way: a key one point lacks takes its default,
+    so {method: kd, logit_standardize: false} from one grid is {method: kd} from another (the first name wins)."""
+    per_grid = [student_points(grid, distill_defaults) for grid in grids or [{}]]
+    keys = {k for base, dist in per_grid for p in (*base, *dist) for k in p}
+
+    def effective(point: dict) -> dict:
+        filled = {k: point.get(k, distill_defaults.get(k)) for k in keys}
+        filled["method"] = filled.get("method") or DEFAULT_METHOD
+        return filled
+
     baselines, distilled = [], []
-    for grid in grids or [{}]:
-        base, dist = student_points(grid, distill_defaults)
-        baselines += [p for p in base if p not in baselines]
-        distilled += [p for p in dist if p not in distilled]
+    for base, dist in per_grid:
+        # within one grid a value listed twice is kept, so that the file's validation names the clash
+        seen_base, seen_dist = [effective(p) for p in baselines], [effective(p) for p in distilled]
+        baselines += [p for p in base if effective(p) not in seen_base]
+        distilled += [p for p in dist if effective(p) not in seen_dist]
     return baselines, distilled
 
 

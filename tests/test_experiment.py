@@ -60,7 +60,8 @@ def error_of(tmp_path, capsys, doc, *extra) -> str:
     ({"students__grid": {}}, "students.grid is empty"),
     ({"students__grid": []}, "students.grid is an empty list"),
     ({"students__grid": [{"alpha": [0.1]}, {"alpha": []}]}, "students.grid[1].alpha: must be a non-empty list"),
-    ({"students__grid": [[{"alpha": [0.1]}]]}, "students.grid[0] is empty: give each key a list"),
+    ({"students__grid": [[{"alpha": [0.1]}]]}, "students.grid[0] must be a mapping of keys to value lists"),
+    ({"students__grid": "alpha"}, "students.grid must be a mapping of keys to value lists"),
     ({"students__grid": {"alpha": []}}, "students.grid.alpha: must be a non-empty list"),
     ({"students__grid": {"alpha": 0.1}}, "students.grid.alpha: must be a non-empty list"),
     ({"students__grid": {"alpha": [0.1, 2.0]}}, "run distill-a2-T7-s0 (distill.py): --alpha must be in [0, 1]"),
@@ -133,6 +134,15 @@ def test_a_list_of_grids_is_their_union(tmp_path, capsys):
                           "distill-kd-a0.1-T2-ls-s0"]
     assert "--logit-standardize" in runs["distill-kd-a0.1-T2-ls-s0"].split()
     assert "--logit-standardize" not in runs["distill-kd-a0.1-T7-s0"].split()
+    # a point that trains as one from another grid is that run (logit_standardize false is plain kd)
+    doc["students"]["grid"] = [{"method": ["kd"], "logit_standardize": [True, False]}, {"method": ["kd"]}]
+    assert [n for n, _ in dry_run_names(capsys, write(tmp_path / "e.yaml", doc))] == [
+        "teacher", "student-s0", "distill-kd-a0.1-T2-ls-s0", "distill-kd-a0.1-T7-no-ls-s0"]
+    # the students' own method and switch name the run as they train it (DKD: T 4; LS: T 2)
+    for flags, name in (({"method": "dkd"}, "distill-T4-s0"), ({"logit_standardize": True}, "distill-a0.1-T2-s0")):
+        plain = experiment(tmp_path, students={"student_arch": "resnet8", "seeds": [0], "baseline": False, **flags})
+        ((got, command),) = [r for r in dry_run_names(capsys, write(tmp_path / "e.yaml", plain)) if r[0] != "teacher"]
+        assert got == name, command
     # the same point from two grids is one run
     doc["students"]["grid"] = [{"method": ["kd", "dkd"]}, {"method": ["dkd", "dist"]}]
     assert [n for n, _ in dry_run_names(capsys, write(tmp_path / "e.yaml", doc))] == [

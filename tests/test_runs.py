@@ -91,6 +91,7 @@ def test_report_compares_each_fraction_with_its_own_baseline(tmp_path):
 def test_teacher_from_elsewhere_is_named_by_its_config(tmp_path):
     """An experiment's teacher.checkpoint lives outside the report's folder: the table names its arch from the
     config.json of the output dir the distilled runs were given."""
+    import json
     teacher = tmp_path / "elsewhere" / "teacher"
     teacher.mkdir(parents=True)
     (teacher / "config.json").write_text('{"arch": "resnet20", "job_type": "teacher"}')
@@ -101,6 +102,11 @@ def test_teacher_from_elsewhere_is_named_by_its_config(tmp_path):
     summary = report.summarize(report.load_local_runs(root))
     assert summary["teacher"]["arch"] == "resnet20"
     assert report.takeaway_table(summary).splitlines()[2].startswith("| resnet20 (57.00) |")
+    # a model file in that dir names it too
+    config_file = root / "distill-a0.1-T4-s0" / "config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "teacher_checkpoint": str(teacher / "model_best.pt")}))
+    assert report.summarize(report.load_local_runs(root))["teacher"]["arch"] == "resnet20"
 
 
 def test_unfinished_runs_are_left_out_and_named(tmp_path, capsys):

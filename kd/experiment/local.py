@@ -49,7 +49,7 @@ class Runner:
 
     def _threads(self, parallel: int) -> int | None:
         """OpenMP threads per process: more threads than cores makes every run many times slower, so the cores
-        are shared out among the runs that will run at once (the teacher alone gets them all)."""
+        are shared out among the runs of a phase that run at once (the teacher, alone, gets them all)."""
         return None if self.gpus else max(1, (os.cpu_count() or 1) // (max(1, parallel) * self.nproc))
 
     def command(self, run: Run, slot: int = 0) -> tuple[list[str], dict]:
@@ -101,7 +101,8 @@ class Runner:
                 self.log(f"done already: {run.name}")
             else:
                 todo.append(run)
-        self.threads = self._threads(min(parallel, len(todo)))
+        # per phase, not per run left: a resumed run gets the threads it started with
+        self.threads = self._threads(parallel)
         failed = []
         while (todo and not self.stopping) or self.running:
             free = [s for s in range(parallel) if s not in self.running]

@@ -148,7 +148,10 @@ def _grids(grid, where: str) -> list[dict]:
         if not grid:
             raise UserError(f"{where} is an empty list: give it one or more mappings, {example}")
         return [g for i, sub in enumerate(grid) for g in _grids(sub, f"{where}[{i}]")]
-    if not isinstance(grid, dict) or not grid:
+    if not isinstance(grid, dict):
+        raise UserError(f"{where} must be a mapping of keys to value lists (or a list of such mappings), got "
+                        f"{grid!r}: {example}")
+    if not grid:
         raise UserError(f"{where} is empty: give each key a list of values, {example}")
     for key, values in grid.items():
         if not isinstance(values, list) or not values:
@@ -248,7 +251,8 @@ def resolve(doc: dict, path: Path) -> Experiment:
     grids = _grids(grid, f"{where}students.grid")
     student_flags = {str(k).replace("-", "_"): v for k, v in {**common, **students}.items()}
     distill_defaults = {a.dest: a.default for a in _options(script_parser("distill.py")).values()}
-    distill_defaults.update({k: v for k, v in student_flags.items() if k in naming.ALWAYS_NAMED})
+    # the students' own distillation flags (method, alpha, temperature, logit_standardize, ...): what names resolve
+    distill_defaults.update({k: v for k, v in student_flags.items() if k in naming.distill_keys()})
     baselines, distilled = naming.union_points(grids, distill_defaults)
     gridded = {k for g in grids for k in g}
     base_argv = to_argv(f"{where}students", student_flags, "distill.py")
