@@ -274,8 +274,11 @@ def _delta(d: dict) -> str:
     if d["p"] is None:
         return f"{100 * d['diff']:+.2f}"
     sigma = abs(d["diff"]) / d["se"] if d["se"] else (math.inf if d["diff"] else 0.0)
-    p = "p<0.001" if d["p"] < 0.001 else f"p={d['p']:.3f}"
-    return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, {p})"
+    return f"{100 * d['diff']:+.2f} ({sigma:.1f}σ, {_p(d['p'])})"
+
+
+def _p(p: float, digits: int = 3) -> str:
+    return "p<0.001" if p < 0.001 else f"p={p:.{digits}f}"
 
 
 def _axis(value) -> str:
@@ -328,11 +331,11 @@ def verdict(summary: dict) -> list[str]:
         if d["p"] is None:
             lines.append(f"{what}: one seed per arm, so no noise estimate: run more seeds to tell")
         elif d["p"] < 0.05 and d["diff"] > 0:
-            lines.append(f"{what}: distillation helped, beyond the noise between seeds (p={d['p']:.3f})")
+            lines.append(f"{what}: distillation helped, beyond the noise between seeds ({_p(d['p'])})")
         elif d["p"] < 0.05:
-            lines.append(f"{what}: distillation hurt, beyond the noise between seeds (p={d['p']:.3f})")
+            lines.append(f"{what}: distillation hurt, beyond the noise between seeds ({_p(d['p'])})")
         else:
-            lines.append(f"{what}: within the noise between seeds (p={d['p']:.2f}): no difference shown")
+            lines.append(f"{what}: within the noise between seeds ({_p(d['p'], 2)}): no difference shown")
     return lines
 
 

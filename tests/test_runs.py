@@ -121,3 +121,9 @@ def test_unfinished_runs_are_left_out_and_named(tmp_path, capsys):
     names = [r["name"] for r in report.load_local_runs(root)]
     assert names == ["distill-a0.1-T4-s0", "student-s0"]
     assert "left out 1 unfinished run(s) (distill-a0.1-T4-s1)" in capsys.readouterr().err
+
+
+def test_verdict_never_prints_p_0():
+    row = {"label": "α=0.1 T=7", "delta_final": {"diff": 0.06, "p": 2e-5, "se": 0.004},
+           "distilled_final": {"mean": 0.44}, "student_final": {"mean": 0.38}}
+    assert report.verdict({"rows": [row]})[0].endswith("beyond the noise between seeds (p<0.001)")
