@@ -15,6 +15,7 @@ from pathlib import Path
 from kd import footprint
 from kd.errors import UserError, user_errors
 from kd.methods import method_axes, method_label
+from kd.runs import teacher_dir
 from kd.tracking import METRICS_FILE, read_metrics
 
 
@@ -43,17 +44,14 @@ def load_run(run_dir: Path) -> dict:
         raise UserError(f"{run_dir} has no evaluated epoch yet: wait for its first epoch, or leave it out")
     best = max(vals, key=lambda r: r["val/acc1"])
     distill = config["job_type"] == "distill"
-    teacher_dir = None
-    if distill and config.get("teacher_checkpoint") not in (None, "none"):
-        teacher = Path(config["teacher_checkpoint"])
-        teacher_dir = str(teacher if teacher.is_dir() else teacher.parent)
+    teacher = teacher_dir(config) if distill else None
     return {
         "run": str(run_dir), "name": run_dir.name, "job_type": config["job_type"],
         "arch": config.get("arch") or config.get("student_arch"), "image_size": config.get("image_size"),
         "method": method_label(config), "alpha": method_axes(config)[0], "temperature": method_axes(config)[1],
         "epochs": vals[-1]["epoch"], "best_acc1": best["val/acc1"], "best_epoch": best["epoch"],
         "final_acc1": vals[-1]["val/acc1"], "final_acc5": vals[-1].get("val/acc5"),
-        "agreement": vals[-1].get("val/agreement"), "teacher_dir": teacher_dir, **_footprint_fields(run_dir),
+        "agreement": vals[-1].get("val/agreement"), "teacher_dir": str(teacher) if teacher else None, **_footprint_fields(run_dir),
     }
 
 

@@ -159,13 +159,9 @@ def _teacher_arch(groups) -> str | None:
     config.json of the output dir the distilled runs name (paths as they were given, from where kd.report runs)."""
     for group in groups:
         for r in group:
-            ref = r["config"].get("teacher_checkpoint")
-            if not ref or str(ref).lower() == "none":
-                continue
-            path = Path(str(ref)).expanduser()
-            config_file = (path if path.is_dir() else path.parent) / "config.json"  # a dir, or a model file in one
+            folder = naming.teacher_dir(r["config"])
             try:
-                return json.loads(config_file.read_text()).get("arch")
+                return json.loads((folder / "config.json").read_text()).get("arch") if folder else None
             except (OSError, ValueError):
                 continue
     return None

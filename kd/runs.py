@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+from pathlib import Path
 from typing import Iterable
 
 from kd.methods import DEFAULT_METHOD, KD, METHODS
@@ -159,6 +160,16 @@ def settings(config: dict, varying: list[str]) -> tuple[dict, dict]:
                     and k != "logit_standardize" and (k not in ALWAYS_NAMED or k in named)
                     and config.get(k) is not None})
     return shared, distill
+
+
+def teacher_dir(config: dict) -> Path | None:
+    """The output dir of a distilled run's teacher: its --teacher-checkpoint itself, or a model file's folder;
+    None for a student-only run (paths as they were given, so relative to where the run was started)."""
+    ref = config.get("teacher_checkpoint")
+    if not ref or str(ref).lower() == "none":
+        return None
+    path = Path(str(ref)).expanduser()
+    return path if path.is_dir() else path.parent
 
 
 @functools.cache
